@@ -1,0 +1,89 @@
+"""The shared harness: every public transformation registers a ``Case`` here.
+
+A case module is any ``tests/cases_*.py`` file defining ``CASES``, a list of
+:class:`Case`. ``test_harness.py`` discovers them all and runs every check on
+every case, so a new transformation joins the suite by adding one entry.
+"""
+
+import dataclasses
+import glob
+import importlib
+import os
+from typing import Any, Callable, Dict, List
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One optimizer under test.
+
+  Attributes:
+    name: test id.
+    make: factory called as ``make(**hparams)``; returns a full optimizer (with
+      its learning rate) whose updates are added to the parameters.
+    hparams: numeric hyperparameters, also passed to
+      ``optax.inject_hyperparams(make)``.
+    steps: steps for the convergence check.
+    tol: the convergence check asks ``loss_final <= tol * loss_initial``.
+  """
+  name: str
+  make: Callable[..., optax.GradientTransformation]
+  hparams: Dict[str, Any]
+  steps: int = 300
+  tol: float = 0.05
+
+
+def discover() -> List[Case]:
+  cases = []
+  here = os.path.dirname(__file__)
+  for path in sorted(glob.glob(os.path.join(here, "cases_*.py"))):
+    module = importlib.import_module(os.path.basename(path)[:-3])
+    cases.extend(module.CASES)
+  names = [c.name for c in cases]
+  assert len(names) == len(set(names)), f"duplicate case names: {names}"
+  return cases
+
+
+# A small convex problem on a two-leaf pytree:
+#   f(x) = 1/2 sum_i a_i (x_i - c_i)^2, with curvatures spread over [0.5, 2].
+TARGET = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4),
+          "b": jnp.array([0.5, -0.25, 1.0])}
+CURV = {"w": jnp.linspace(0.5, 2.0, 12).reshape(3, 4),
+        "b": jnp.array([1.0, 2.0, 0.5])}
+
+
+def init_params(dtype=jnp.float32):
+  return jax.tree.map(lambda t: jnp.zeros_like(t, dtype), TARGET)
+
+
+def loss_fn(params):
+  terms = jax.tree.map(
+      lambda x, a, c: 0.5 * jnp.sum(a * (x.astype(jnp.float32) - c) ** 2),
+      params, CURV, TARGET)
+  return sum(jax.tree.leaves(terms))
+
+
+def make_step(opt):
+  """A train step that always passes ``value=`` and an unknown extra kwarg."""
+
+  def step(params, state):
+    value, grads = jax.value_and_grad(loss_fn)(params)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    updates, state = opt.update(grads, state, params, value=value,
+                                unknown_extra_argument=1.0)
+    return optax.apply_updates(params, updates), state, value
+
+  return step
+
+
+def run(opt, steps, params=None, jit=True):
+  params = init_params() if params is None else params
+  state = opt.init(params)
+  step = make_step(opt)
+  step = jax.jit(step) if jit else step
+  for _ in range(steps):
+    params, state, _ = step(params, state)
+  return params, state

@@ -1,0 +1,53 @@
+"""optax_sign inside a Flax NNX training loop on real data (sklearn digits)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import optax_sign
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(64, 64, rngs=rngs)
+    self.out = nnx.Linear(64, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.relu(self.hidden(x)))
+
+
+def test_nnx_mlp_on_digits_with_sign_momentum():
+  x, y = load_digits(return_X_y=True)
+  x = (x / 16.0).astype(np.float32)
+  x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25,
+                                            random_state=0, stratify=y)
+  model = MLP(nnx.Rngs(0))
+  tx = optax.chain(optax_sign.sign_momentum(),
+                   optax.scale_by_learning_rate(3e-3))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, xb, yb):
+    def loss_fn(model):
+      logits = model(xb)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads, value=loss)  # extra kwargs are forwarded
+    return loss
+
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(15):
+    order = rng.permutation(len(x_tr))
+    for i in range(0, len(order) - 63, 64):
+      idx = order[i:i + 64]
+      losses.append(float(train_step(model, optimizer, x_tr[idx], y_tr[idx])))
+  accuracy = float(jnp.mean(jnp.argmax(model(x_te), -1) == y_te))
+  assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+  assert accuracy > 0.9, accuracy

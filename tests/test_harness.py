@@ -1,0 +1,189 @@
+"""The shared harness: every registered optimizer passes the same checks."""
+
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import harness
+
+CASES = harness.discover()
+IDS = [c.name for c in CASES]
+by_name = pytest.mark.parametrize("case", CASES, ids=IDS)
+
+
+def _numeric(tree):
+  """Replaces typed PRNG keys by their raw data so that they can be compared."""
+  def leaf(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.key_data(x)
+    return x
+  return jax.tree.map(leaf, tree)
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+  chex.assert_trees_all_close(_numeric(a), _numeric(b), rtol=rtol, atol=atol)
+
+
+@by_name
+def test_converges_on_convex_problem(case):
+  opt = case.make(**case.hparams)
+  loss0 = harness.loss_fn(harness.init_params())
+  params, _ = harness.run(opt, case.steps)
+  loss = harness.loss_fn(params)
+  assert np.isfinite(loss)
+  assert loss <= case.tol * loss0, (case.name, float(loss), float(loss0))
+
+
+class JitVariantsTest(chex.TestCase):
+  """With and without jit give the same trajectory."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*[(c.name, c) for c in CASES])
+  def test_jit_and_no_jit_agree(self, case):
+    opt = case.make(**case.hparams)
+    step = self.variant(harness.make_step(opt))
+    params = harness.init_params()
+    state = opt.init(params)
+    for _ in range(4):
+      params, state, _ = step(params, state)
+    ref_params, ref_state = harness.run(opt, 4)
+    _close(params, ref_params)
+    _close(state, ref_state)
+
+
+@by_name
+def test_no_recompilation(case):
+  opt = case.make(**case.hparams)
+  traces = []
+
+  def counted(params, state):
+    traces.append(1)
+    return harness.make_step(opt)(params, state)
+
+  step = jax.jit(counted)
+  params = harness.init_params()
+  state = opt.init(params)
+  for _ in range(3):
+    params, state, _ = step(params, state)
+  assert len(traces) == 1
+  assert step._cache_size() == 1
+
+
+@by_name
+def test_unknown_extra_args_are_ignored(case):
+  opt = case.make(**case.hparams)
+  params = harness.init_params()
+  value, grads = jax.value_and_grad(harness.loss_fn)(params)
+  state = opt.init(params)
+  plain = opt.update(grads, state, params, value=value)
+  extra = opt.update(grads, state, params, value=value, not_an_argument="x",
+                     another=jnp.ones(3))
+  _close(plain, extra, rtol=0, atol=0)
+
+
+@by_name
+def test_inject_hyperparams_gives_equal_results(case):
+  opt = case.make(**case.hparams)
+  injected = optax.inject_hyperparams(case.make)(**case.hparams)
+  params_a, _ = harness.run(opt, 5)
+  params_b, state_b = harness.run(injected, 5)
+  _close(params_a, params_b)
+  assert set(case.hparams) <= set(state_b.hyperparams)
+
+
+@by_name
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_dtypes_are_stable(case, dtype):
+  opt = case.make(**case.hparams)
+  params = jax.tree.map(lambda t: (0.3 * t).astype(dtype), harness.TARGET)
+  state0 = opt.init(params)
+  shapes0 = jax.tree.map(lambda x: (x.shape, x.dtype), state0)
+
+  @jax.jit
+  def two_steps(params, state):
+    for _ in range(2):
+      grads = jax.tree.map(lambda g: g.astype(dtype),
+                           jax.grad(harness.loss_fn)(params))
+      updates, state = opt.update(grads, state, params,
+                                  value=harness.loss_fn(params))
+      params = optax.apply_updates(params, updates)
+    return updates, params, state
+
+  updates, params, state = two_steps(params, state0)
+  for u in jax.tree.leaves(updates):
+    assert u.dtype == dtype
+  for p in jax.tree.leaves(params):
+    assert p.dtype == dtype
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes0
+
+  # The state can be carried through both branches of a lax.cond.
+  @jax.jit
+  def maybe_step(pred, params, state):
+    grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+
+    def do(state):
+      return opt.update(grads, state, params, value=jnp.float32(1.0))
+
+    def skip(state):
+      return jax.tree.map(jnp.zeros_like, grads), state
+
+    return jax.lax.cond(pred, do, skip, state)
+
+  for pred in (True, False):
+    _, cond_state = maybe_step(pred, params, state)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), cond_state) == shapes0
+
+
+@by_name
+def test_composes_with_multi_steps(case):
+  opt = optax.MultiSteps(case.make(**case.hparams), every_k_schedule=2)
+  step = jax.jit(harness.make_step(opt))
+  params0 = harness.init_params()
+  state = opt.init(params0)
+  params1, state, _ = step(params0, state)
+  _close(params1, params0, rtol=0, atol=0)  # accumulating: no move yet
+  params2, state, _ = step(params1, state)
+  moved = jax.tree.map(lambda a, b: jnp.any(a != b), params2, params1)
+  assert any(jax.tree.leaves(moved))
+
+
+@by_name
+def test_apply_if_finite_skips_nan_gradients(case):
+  opt = optax.apply_if_finite(case.make(**case.hparams), max_consecutive_errors=5)
+  params, state = harness.run(opt, 2)
+  nan_grads = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  updates, new_state = jax.jit(opt.update)(
+      nan_grads, state, params, value=jnp.float32(1.0))
+  new_params = optax.apply_updates(params, updates)
+  _close(new_params, params, rtol=0, atol=0)
+  _close(new_state.inner_state, state.inner_state, rtol=0, atol=0)
+  assert int(new_state.notfinite_count) == 1
+
+
+@by_name
+def test_init_on_abstract_inputs(case):
+  opt = case.make(**case.hparams)
+  params = harness.init_params()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          params)
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype), opt.init(params))
+  direct = jax.tree.map(lambda x: (x.shape, x.dtype), opt.init(abstract))
+  traced = jax.tree.map(lambda x: (x.shape, x.dtype),
+                        jax.eval_shape(opt.init, abstract))
+  assert direct == expected
+  assert traced == expected
+
+
+@by_name
+def test_pure_function(case):
+  opt = case.make(**case.hparams)
+  params, state = harness.run(opt, 3)
+  grads = jax.grad(harness.loss_fn)(params)
+  value = harness.loss_fn(params)
+  first = opt.update(grads, state, params, value=value)
+  second = opt.update(grads, state, params, value=value)
+  _close(first, second, rtol=0, atol=0)
