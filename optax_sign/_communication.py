@@ -1,0 +1,472 @@
+r"""Aggregation of signs across workers: majority vote and mean of signs.
+
+Every worker ``i`` on a named axis holds a local direction :math:`v_i` (its
+gradient, a momentum, any earlier output of a chain) and sends only its sign
+:math:`q_i = \operatorname{tsign}_T(v_i)`. The count
+:math:`S = \sum_i a_i q_i \in [-N, N]` (with an optional alive mask
+:math:`a_i \in \{0, 1\}`) is formed with integer arithmetic by one of three
+transports that give bitwise-identical results:
+
+* ``"psum"``: all-reduce of :math:`a_i q_i` in the narrowest signed integer that
+  holds :math:`\pm N` (int8 while :math:`N \le 127`, then int16, then int32).
+* ``"allgather"``: the sign planes packed 8 per byte are all-gathered and every
+  worker counts locally.
+* ``"alltoall"``: the packed planes are exchanged by all-to-all so that each
+  worker counts and votes on its own :math:`1/N` of the coordinates, then the
+  packed vote is all-gathered.
+
+``"auto"`` picks the fewest bytes on the wire (see :func:`vote_bytes`). All
+leaves of a pytree are flattened into one vector, so each transport runs one
+collective per phase whatever the number of leaves.
+
+**The shard_map gradient trap.** Under ``jax.shard_map`` (with the default
+``check_vma=True``), ``jax.grad`` with respect to parameters that entered
+replicated (``in_specs=P()``) returns gradients that XLA has *already summed
+across workers in float32*, which silently defeats the compression. Mark the
+parameters per worker before differentiating, with :func:`per_worker`, or pass
+them with a per-worker spec, or use ``check_vma=False``. ``pmap`` and named
+``vmap`` give per-worker gradients without help.
+"""
+
+from typing import Any, Hashable, NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+from optax_sign import _checks
+
+AxisName = Union[Hashable, Tuple[Hashable, ...]]
+
+TRANSPORTS = ("auto", "psum", "allgather", "alltoall")
+_COUNT_TRANSPORTS = ("auto", "psum", "allgather")  # those that deliver S
+
+
+def axis_size(axis_name: AxisName) -> int:
+  """The number of workers on ``axis_name`` (1 for ``None``), at trace time.
+
+  Raises:
+    ValueError: if ``axis_name`` is not bound by an enclosing ``shard_map``,
+      ``pmap`` or ``vmap(..., axis_name=...)``.
+  """
+  if axis_name is None:
+    return 1
+  try:
+    return int(lax.axis_size(axis_name))
+  except (NameError, KeyError) as err:
+    raise ValueError(
+        f"axis_name={axis_name!r} is not bound here. Call this inside "
+        "jax.shard_map (a mesh axis name), jax.pmap(..., axis_name=...) or "
+        "jax.vmap(..., axis_name=...) with that name, or pass axis_name=None "
+        "for a single worker.") from err
+
+
+def count_dtype(num_workers: int) -> jnp.dtype:
+  """The narrowest signed integer dtype that holds every count in [-N, N]."""
+  for dtype in (jnp.int8, jnp.int16, jnp.int32):
+    if num_workers <= jnp.iinfo(dtype).max:
+      return jnp.dtype(dtype)
+  raise ValueError(
+      f"{num_workers} workers exceed the int32 range of the vote count")
+
+
+def _planes(tie: str) -> int:
+  """Bit planes per coordinate: 2 when a sign may be 0, else 1."""
+  return 2 if tie == "zero" else 1
+
+
+def vote_bytes(transport: str, num_workers: int, size: int,
+               tie: str = "zero") -> float:
+  r"""Bytes one worker sends per vote of ``size`` coordinates (ring model).
+
+  The exact count, padding included, under the accounting of the
+  specification: an all-reduce of :math:`B` bytes sends
+  :math:`2(N-1)B/N`, an all-gather of an own contribution of :math:`B` bytes
+  sends :math:`(N-1)B` and an all-to-all of :math:`B` bytes sends
+  :math:`(N-1)B/N`. The alive mask's few bytes are not included.
+
+  Args:
+    transport: ``"psum"``, ``"allgather"`` or ``"alltoall"``.
+    num_workers: :math:`N \ge 1`.
+    size: :math:`d`, the number of coordinates (all leaves together).
+    tie: the tie policy (``"zero"`` needs two bit planes).
+
+  Returns:
+    Bytes sent per worker, as a float.
+  """
+  n, c = num_workers, _planes(tie)
+  if transport == "psum":
+    return 2.0 * (n - 1) / n * count_dtype(n).itemsize * size
+  if transport == "allgather":
+    return float((n - 1) * c * -(-size // 8))
+  if transport == "alltoall":
+    chunk = -(-size // (8 * n))  # bytes per plane per worker after padding
+    return (n - 1) / n * c * n * chunk + (n - 1) * c * chunk
+  raise ValueError(f"transport must be one of {TRANSPORTS[1:]}, got "
+                   f"{transport!r}")
+
+
+def choose_transport(transport: str, num_workers: int, size: int, tie: str,
+                     allowed: Sequence[str] = TRANSPORTS) -> str:
+  """Resolves ``"auto"``: fewest bytes (:func:`vote_bytes`), ties broken in
+  favour of fewer collectives (psum, then allgather, then alltoall)."""
+  if transport != "auto":
+    return transport
+  candidates = [t for t in allowed if t != "auto"]
+  return min(candidates,
+             key=lambda t: (vote_bytes(t, num_workers, size, tie),
+                            candidates.index(t)))
+
+
+def _message(v: jax.Array, tie: str) -> jax.Array:
+  """tsign_T(v) as int8, flattened. NaN counts as a zero (the tie value)."""
+  tie_value = {"zero": 0, "positive": 1, "negative": -1}[tie]
+  v = v.ravel()
+  one = jnp.ones(v.shape, jnp.int8)
+  return jnp.where(v > 0, one, jnp.where(v < 0, -one, jnp.int8(tie_value)))
+
+
+def _tie_sign_int(s: jax.Array, tie: str) -> jax.Array:
+  """tsign_T of an integer count, as int8."""
+  tie_value = {"zero": 0, "positive": 1, "negative": -1}[tie]
+  one = jnp.ones(s.shape, jnp.int8)
+  return jnp.where(s > 0, one, jnp.where(s < 0, -one, jnp.int8(tie_value)))
+
+
+def _pack(q: jax.Array, tie: str) -> jax.Array:
+  """Packs int8 signs into [planes, ceil(d / 8)] uint8: (q > 0), (q != 0)."""
+  planes = [q > 0] + ([q != 0] if tie == "zero" else [])
+  return jnp.stack([jnp.packbits(p, bitorder="little") for p in planes])
+
+
+def _unpack(packed: jax.Array, length: int, tie: str,
+            dtype: Any) -> jax.Array:
+  """Inverse of :func:`_pack` for one worker: [planes, nb] -> signs [length]."""
+  bits = [jnp.unpackbits(p, count=length, bitorder="little").astype(dtype)
+          for p in packed]
+  nonzero = bits[1] if tie == "zero" else 1
+  return 2 * bits[0] - nonzero
+
+
+def _names(axis_name: AxisName) -> Tuple[Hashable, ...]:
+  return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _is_manual(axis_name: AxisName) -> bool:
+  """True under ``shard_map``/``pmap`` (manual mesh axes), False under vmap."""
+  manual = jax.sharding.get_abstract_mesh().manual_axes
+  return all(a in manual for a in _names(axis_name))
+
+
+def gather_invariant(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  """All-gather whose result is device-invariant where that type exists.
+
+  ``to="invarying"`` is valid under ``shard_map`` and ``pmap`` but raises
+  under a named ``vmap``, where a plain all-gather is used instead.
+  """
+  if _is_manual(axis_name):
+    return lax.all_gather(x, axis_name, to="invarying")
+  return lax.all_gather(x, axis_name)
+
+
+def _count_gathered(gathered: jax.Array, length: int, tie: str, dtype: Any,
+                    weights: Optional[jax.Array]) -> jax.Array:
+  """S = sum_i w_i q_i from packed planes [N, planes, nb], worker by worker."""
+
+  def term(i):
+    q = _unpack(gathered[i], length, tie, dtype)
+    return q if weights is None else q * weights[i].astype(dtype)
+
+  # Starting from worker 0's term gives the carry the right varying type.
+  return lax.fori_loop(1, gathered.shape[0], lambda i, s: s + term(i), term(0))
+
+
+def _worker_weights(alive: Optional[jax.Array], axis_name: AxisName,
+                    num_workers: int, tie: str) -> Optional[jax.Array]:
+  """The alive mask of every worker, needed when packed planes omit zeros.
+
+  With ``tie="zero"`` a dead worker sends all-zero planes and no mask is
+  needed. Otherwise only the ``q > 0`` plane travels, so the receivers weight
+  worker ``i`` by ``a_i`` (gathered as N bytes when each worker holds its own).
+  """
+  if alive is None or tie == "zero":
+    return None
+  if alive.size == num_workers and num_workers > 1:
+    return alive.reshape(-1).astype(jnp.int8)
+  return gather_invariant(alive.reshape(()).astype(jnp.int8), axis_name)
+
+
+def _check_alive_shape(alive: jax.Array, axis_name: AxisName,
+                       num_workers: int) -> None:
+  if alive.size != 1 and alive.shape != (num_workers,):
+    raise ValueError(
+        "alive must be this worker's flag (a scalar) or a mask of shape "
+        f"({num_workers},) over the workers of axis_name={axis_name!r}; got "
+        f"shape {alive.shape}")
+
+
+def _flatten(tree: Any, tie: str) -> Tuple[jax.Array, Any]:
+  leaves, treedef = jax.tree.flatten(tree)
+  q = jnp.concatenate([_message(v, tie) for v in leaves]) if leaves else (
+      jnp.zeros((0,), jnp.int8))
+  return q, (treedef, leaves)
+
+
+def _unflatten(flat: jax.Array, structure: Any) -> Any:
+  treedef, leaves = structure
+  out, start = [], 0
+  for v in leaves:
+    out.append(flat[start:start + v.size].reshape(v.shape).astype(v.dtype))
+    start += v.size
+  return treedef.unflatten(out)
+
+
+def _prepare(tree, axis_name, tie, transport, alive, allowed):
+  """Shared front end: validation, message, transport and masks."""
+  _checks.check_tie(tie)
+  _checks.check_choice("transport", transport, allowed)
+  n = axis_size(axis_name)
+  q, structure = _flatten(tree, tie)
+  own = None
+  if alive is not None:
+    alive = jnp.asarray(alive)
+    _check_alive_shape(alive, axis_name, n)
+    own = (alive.reshape(()) if alive.size == 1
+           else alive[lax.axis_index(axis_name)]).astype(bool)
+    q = jnp.where(own, q, jnp.int8(0))
+  transport = choose_transport(transport, n, q.size, tie, allowed)
+  return q, structure, n, transport, alive, own
+
+
+def _count(q, axis_name, n, tie, transport, alive):
+  """S = sum_i a_i q_i by ``"psum"`` or ``"allgather"``, in the count dtype."""
+  dtype = count_dtype(n)
+  if axis_name is None:
+    return q.astype(dtype)
+  if transport == "psum":
+    return lax.psum(q.astype(dtype), axis_name)
+  weights = _worker_weights(alive, axis_name, n, tie)
+  gathered = gather_invariant(_pack(q, tie), axis_name)
+  return _count_gathered(gathered, q.size, tie, dtype, weights)
+
+
+def _vote_alltoall(q, axis_name, n, tie, alive):
+  """Count and vote on an own chunk after an all-to-all; gather the vote."""
+  d = q.size
+  chunk = -(-d // (8 * n))  # packed bytes per plane per worker
+  q = jnp.pad(q, (0, 8 * n * chunk - d))
+  packed = _pack(q, tie)  # [planes, n * chunk]
+  planes = packed.shape[0]
+  packed = packed.reshape(planes, n, chunk).transpose(1, 0, 2)
+  received = lax.all_to_all(packed, axis_name, 0, 0, tiled=True)
+  weights = _worker_weights(alive, axis_name, n, tie)
+  count = _count_gathered(received, 8 * chunk, tie, count_dtype(n), weights)
+  vote = _pack(_tie_sign_int(count, tie), tie)  # [planes, chunk]
+  votes = gather_invariant(vote, axis_name)  # [n, planes, chunk]
+  votes = votes.transpose(1, 0, 2).reshape(planes, n * chunk)
+  return _unpack(votes, 8 * n * chunk, tie, jnp.int8)[:d]
+
+
+def vote_signs(tree: Any, axis_name: Optional[AxisName], *,
+               tie: str = "zero", transport: str = "auto",
+               alive: Optional[jax.Array] = None) -> Any:
+  r"""Majority vote of signs across the workers of ``axis_name``.
+
+  .. math::
+    V = \operatorname{tsign}_T\Big(\sum_i a_i\,
+        \operatorname{tsign}_T(v_i)\Big),
+
+  computed with integer arithmetic only; every worker gets the same
+  :math:`V`, leaf by leaf in the input dtypes. One tie policy :math:`T` governs
+  the local zeros and the tied votes (NaN counts as a zero).
+
+  Args:
+    tree: this worker's pytree :math:`v_i` of arrays.
+    axis_name: the named axis of the workers (a name or a tuple of names), or
+      ``None`` for one worker and no collective.
+    tie: ``"zero"`` (zeros abstain; two bit planes), ``"positive"`` or
+      ``"negative"``.
+    transport: ``"auto"``, ``"psum"``, ``"allgather"`` or ``"alltoall"``.
+    alive: optional alive mask: this worker's boolean flag (a scalar), or a
+      boolean vector of length :math:`N` replicated on every worker. A dead
+      worker abstains.
+
+  Returns:
+    A pytree like ``tree`` with values in {-1, 0, +1} (0 only for
+    ``tie="zero"``), identical on every worker.
+
+  Raises:
+    ValueError: for an unknown ``tie`` or ``transport``, an ``axis_name`` not
+      bound by ``shard_map``/``pmap``/``vmap``, or a badly shaped ``alive``.
+
+  Example:
+    >>> votes = jax.vmap(lambda g: vote_signs(g, "i"), axis_name="i")(grads)
+
+  References:
+    Bernstein et al., "signSGD with Majority Vote is Communication Efficient
+    and Fault Tolerant", ICLR 2019 (arXiv 1810.05291).
+  """
+  q, structure, n, transport, alive, _ = _prepare(
+      tree, axis_name, tie, transport, alive, TRANSPORTS)
+  if transport == "alltoall" and axis_name is not None:
+    vote = _vote_alltoall(q, axis_name, n, tie, alive)
+  else:
+    vote = _tie_sign_int(_count(q, axis_name, n, tie, transport, alive), tie)
+  return _unflatten(vote, structure)
+
+
+def mean_signs(tree: Any, axis_name: Optional[AxisName], *,
+               tie: str = "zero", transport: str = "auto",
+               alive: Optional[jax.Array] = None) -> Any:
+  r"""Mean of the workers' signs, :math:`M = S / \sum_i a_i` (0 if none alive).
+
+  .. math::
+    M = \frac{\sum_i a_i \operatorname{tsign}_T(v_i)}{\sum_i a_i}
+    \in [-1, 1],
+
+  not re-signed; computed in float32 and returned in the input dtypes. The
+  count travels by ``"psum"`` or ``"allgather"`` (``"alltoall"`` moves votes,
+  not counts, and is refused). Arguments as in :func:`vote_signs`.
+  """
+  q, structure, n, transport, alive, own = _prepare(
+      tree, axis_name, tie, transport, alive, _COUNT_TRANSPORTS)
+  count = _count(q, axis_name, n, tie, transport, alive).astype(jnp.float32)
+  if alive is None:
+    voters = jnp.float32(n)
+  elif alive.size == n and n > 1:
+    voters = jnp.sum(alive.astype(jnp.float32))
+  elif axis_name is None:
+    voters = own.astype(jnp.float32)
+  else:
+    voters = lax.psum(own.astype(jnp.float32), axis_name)
+  mean = jnp.where(voters > 0, count / jnp.maximum(voters, 1.0), 0.0)
+  return _unflatten(mean, structure)
+
+
+class SignAggregationState(NamedTuple):
+  """State of :func:`majority_vote` and :func:`mean_of_signs`."""
+  bytes_sent: jax.Array  # float32 scalar: bytes this worker sent so far
+
+
+def _aggregator(aggregate, axis_name, transport, tie, allowed):
+  _checks.check_tie(tie)
+  _checks.check_choice("transport", transport, allowed)
+
+  def init_fn(params):
+    del params
+    return SignAggregationState(bytes_sent=jnp.zeros((), jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    alive = extra_args.get("alive")
+    out = aggregate(updates, axis_name, tie=tie, transport=transport,
+                    alive=alive)
+    n = axis_size(axis_name)
+    size = sum(x.size for x in jax.tree.leaves(updates))
+    chosen = choose_transport(transport, n, size, tie, allowed)
+    sent = vote_bytes(chosen, n, size, tie)
+    return out, SignAggregationState(bytes_sent=state.bytes_sent + sent)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def majority_vote(axis_name: Optional[AxisName], transport: str = "auto",
+                  tie: str = "zero") -> optax.GradientTransformationExtraArgs:
+  r"""Replaces each worker's update by the majority vote of all workers' signs.
+
+  .. math::
+    u = \operatorname{tsign}_T\Big(\sum_i a_i\,
+        \operatorname{tsign}_T(g_i)\Big),
+
+  where :math:`g_i` is worker :math:`i`'s incoming update and :math:`a_i` the
+  optional alive mask passed as the extra argument ``alive=`` (this worker's
+  boolean, or a replicated length-N boolean vector). Chained with a learning
+  rate it is majority-vote Sign-SGD; put it after a momentum for the signum
+  variant. Use it inside ``jax.shard_map`` (see :func:`per_worker` for the
+  gradient trap), ``jax.pmap`` or ``jax.vmap`` with ``axis_name``. The state
+  field ``bytes_sent`` counts the bytes this worker has sent (ring model).
+
+  Args:
+    axis_name: the workers' axis name (or tuple); ``None``: one worker.
+    transport: ``"auto"``, ``"psum"``, ``"allgather"`` or ``"alltoall"``; all
+      give identical bits (see :func:`vote_bytes` for their costs).
+    tie: tie policy for local zeros and tied votes.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> tx = optax.chain(majority_vote("data"),
+    ...                  optax.scale_by_learning_rate(1e-3))
+
+  References:
+    Bernstein et al., "signSGD with Majority Vote is Communication Efficient
+    and Fault Tolerant", ICLR 2019 (arXiv 1810.05291).
+  """
+  return _aggregator(vote_signs, axis_name, transport, tie, TRANSPORTS)
+
+
+def mean_of_signs(axis_name: Optional[AxisName], transport: str = "auto",
+                  tie: str = "zero") -> optax.GradientTransformationExtraArgs:
+  r"""Replaces each worker's update by the mean of all workers' signs.
+
+  .. math::
+    u = \frac{\sum_i a_i \operatorname{tsign}_T(g_i)}{\sum_i a_i},
+
+  (0 when no worker is alive), with the alive mask from the extra argument
+  ``alive=``. Each worker's influence is at most :math:`1/N` per coordinate.
+
+  Args:
+    axis_name: the workers' axis name (or tuple); ``None``: one worker.
+    transport: ``"auto"``, ``"psum"`` or ``"allgather"``.
+    tie: tie policy for local zeros.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> tx = optax.chain(mean_of_signs("data"),
+    ...                  optax.scale_by_learning_rate(1e-3))
+
+  References:
+    Bernstein et al., arXiv 1810.05291; Liu et al., "Communication Efficient
+    Distributed Training with Distributed Lion", NeurIPS 2024.
+  """
+  return _aggregator(mean_signs, axis_name, transport, tie, _COUNT_TRANSPORTS)
+
+
+def per_worker(params: Any, axis_name: AxisName) -> Any:
+  """Marks replicated parameters as per-worker before differentiating.
+
+  The fix for the ``shard_map`` gradient trap: inside ``shard_map`` with
+  ``check_vma=True``, ``jax.grad`` with respect to device-invariant
+  parameters (``in_specs=P()``) transposes the implicit invariant-to-varying
+  cast into a float32 ``psum``, so the "local" gradient arrives already summed
+  across workers at full precision. ``lax.pcast(params, axis_name,
+  to="varying")`` before ``jax.grad`` keeps the gradients local, so only the
+  compressed vote travels. Under ``pmap`` and named ``vmap`` (where values are
+  already per worker), and for leaves that already vary along ``axis_name``,
+  the parameters are returned unchanged.
+
+  Args:
+    params: a pytree of arrays.
+    axis_name: the workers' axis name (or tuple).
+
+  Returns:
+    ``params``, device-varying along ``axis_name`` under ``shard_map``.
+
+  Example:
+    >>> def step(params, batch):  # inside jax.shard_map, params in_specs=P()
+    ...   grads = jax.grad(loss)(per_worker(params, "data"), batch)
+  """
+  axis_size(axis_name)
+  if not _is_manual(axis_name):  # named vmap: values are already per worker
+    return params
+
+  def cast(x):
+    missing = tuple(a for a in _names(axis_name)
+                    if a not in jax.typeof(x).mat.varying)
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, params)

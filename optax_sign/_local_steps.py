@@ -1,0 +1,276 @@
+"""Local steps with a global outer step (DSM-LS, DiLoCo, SlowMo, averaging).
+
+Every worker applies an inner optax optimizer on every step without
+communicating. Every ``sync_every`` steps the workers' models are averaged
+once (one full-precision all-reduce of the parameters), an outer optax
+transformation is applied to the pseudo-gradient at the anchor (the model at
+the start of the round), and every worker jumps to the new anchor.
+"""
+
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sign import _checks
+
+AxisName = Union[str, Sequence[str], None]
+PSEUDO_GRAD_SCALES = ("inner_lr", "none")
+
+
+class LocalStepsState(NamedTuple):
+  """State of :func:`local_steps`.
+
+  Under ``shard_map`` ``count``, ``anchor`` and ``outer_state`` are replicated
+  (device-invariant, spec ``P()``); ``inner_state`` is per worker (spec
+  ``P(axis)`` on a stacked leading worker axis). Checkpoints hold all of it.
+  """
+  count: jax.Array  # int32 scalar: local steps taken so far (replicated)
+  anchor: optax.Params  # tree like params, float32 (float64 for float64
+  #   params): the anchor x_{t,0}, the parameters to evaluate (replicated)
+  inner_state: optax.OptState  # state of the inner optimizer (per worker)
+  outer_state: optax.OptState  # state of the outer transformation (replicated)
+
+
+def _varying_axes(x: Any) -> frozenset:
+  """The mesh axes over which ``x`` is device-varying (empty outside shard_map)."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    manual = getattr(aval, "manual_axis_type", None)
+    vma = getattr(manual, "varying", frozenset())
+  return frozenset(vma)
+
+
+def _vary(x: Any, axes: frozenset) -> Any:
+  """Marks ``x`` device-varying over ``axes`` it is not yet varying over."""
+  missing = tuple(sorted(axes - _varying_axes(x)))
+  if not missing:
+    return x
+  return jax.lax.pcast(x, missing, to="varying")
+
+
+def _vary_like(tree: Any, like: Any) -> Any:
+  """Casts every leaf of ``tree`` to vary over the axes of ``like``'s leaf."""
+  return jax.tree.map(lambda x, y: _vary(x, _varying_axes(y)), tree, like)
+
+
+def _anchor_leaf(p: Any) -> Any:
+  """A float32 (or wider) copy of a parameter; abstract for abstract input."""
+  dtype = jnp.promote_types(p.dtype, jnp.float32)
+  if isinstance(p, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(p.shape, dtype, sharding=p.sharding)
+  return jnp.asarray(p, dtype)
+
+
+def local_steps(
+    inner: optax.GradientTransformation,
+    outer: optax.GradientTransformation,
+    sync_every: int = 12,
+    axis_name: AxisName = None,
+    pseudo_grad_scale: str = "inner_lr",
+    inner_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` on every step and ``outer`` on the averaged model every ``sync_every`` steps.
+
+  With anchor :math:`x_{t,0}` (captured at ``init``), local step counter
+  ``count`` and :math:`\tau` = ``sync_every``, every call computes the worker's
+  inner step :math:`x' = x + \mathrm{inner}(g)`. On steps with
+  :math:`(\mathrm{count} + 1) \bmod \tau = 0`:
+
+  .. math::
+    \bar x = \tfrac1N \textstyle\sum_i x'_i,\qquad
+    g_t = (x_{t,0} - \bar x) / \gamma_t \ (\text{"inner\_lr"})
+    \ \text{or}\ x_{t,0} - \bar x \ (\text{"none"}),\\
+    x_{t+1,0} = x_{t,0} + c_t\,\mathrm{outer}(g_t;\ \text{params}=x_{t,0}),
+    \quad c_t = \gamma_t \text{ or } 1,
+
+  and the emitted update moves the worker to :math:`x_{t+1,0}`; otherwise the
+  emitted update is the inner update. :math:`\gamma_t` is
+  ``inner_learning_rate`` at the current ``count``. The pseudo-gradient has the
+  sign of a gradient, so ``outer`` is an ordinary descent optimizer. If
+  :math:`\gamma_t \le 0` the round makes no outer step (anchor and outer state
+  stay, the workers return to the anchor) and no NaN is formed.
+
+  The average is a ``pmean`` over ``axis_name`` in float32 (one fp32
+  all-reduce of the parameters), placed inside ``lax.cond`` on the replicated
+  counter: the other steps run no collective at all. The inner state is never
+  averaged or reset. The wrapper must be the outermost transformation (nothing
+  may rescale its updates) and ``update`` needs ``params``. Evaluate
+  :func:`local_steps_anchor` (the anchor); after a sync the local parameters
+  equal it to within one rounding of ``params + (anchor - params)``.
+
+  Every worker must initialise the state from the same parameters (see
+  :func:`broadcast_params`); local parameters may still differ at start, the
+  first sync moves every worker to the common anchor. Under ``shard_map`` keep
+  ``count``, ``anchor`` and ``outer_state`` replicated and mark the local
+  parameters device-varying (``jax.lax.pcast(p, axis, to="varying")`` or a
+  per-worker ``in_specs``), or ``jax.grad`` silently all-reduces gradients on
+  every step.
+
+  Args:
+    inner: any optax optimizer, applied per worker on every step (include its
+      learning rate; updates are added to the parameters).
+    outer: an optax transformation fed the pseudo-gradient with ``params`` set
+      to the anchor; its updates are added to the anchor (after the
+      multiplication by :math:`\gamma_t` for ``"inner_lr"``).
+    sync_every: the sync interval :math:`\tau \ge 1`.
+    axis_name: mapped axis name (or tuple) of the workers; ``None`` for one
+      worker and no collective.
+    pseudo_grad_scale: ``"inner_lr"`` divides the model difference by
+      :math:`\gamma_t` and multiplies the outer update by it (DSM-LS, SlowMo);
+      ``"none"`` feeds the raw difference (DiLoCo, averaging).
+    inner_learning_rate: scalar or schedule of the local step count, the same
+      one the inner optimizer uses; required for ``"inner_lr"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`LocalStepsState`.
+
+  Example:
+    >>> lr = 1e-3
+    >>> tx = local_steps(optax.adam(lr), global_sign_momentum(), sync_every=12,
+    ...                  axis_name="x", inner_learning_rate=lr)
+
+  References:
+    Yu et al., "Distributed Sign Momentum with Local Steps for Training
+    Transformers", arXiv 2411.17866; Douillard et al., "DiLoCo", arXiv
+    2311.08105; Wang et al., "SlowMo", arXiv 1910.00643.
+  """
+  _checks.check_int("sync_every", sync_every, 1)
+  _checks.check_choice("pseudo_grad_scale", pseudo_grad_scale,
+                       PSEUDO_GRAD_SCALES)
+  scaled = pseudo_grad_scale == "inner_lr"
+  if scaled and inner_learning_rate is None:
+    raise ValueError(
+        'pseudo_grad_scale="inner_lr" needs inner_learning_rate (the scalar or '
+        'schedule the inner optimizer uses); pass it or use '
+        'pseudo_grad_scale="none"')
+  if scaled and not callable(inner_learning_rate):
+    _checks.check_nonnegative("inner_learning_rate", inner_learning_rate)
+
+  def init_fn(params):
+    # Abstract parameters (jax.ShapeDtypeStruct) give an abstract anchor.
+    anchor = jax.tree.map(_anchor_leaf, params)
+    return LocalStepsState(
+        count=jnp.zeros([], jnp.int32),
+        anchor=anchor,
+        inner_state=inner.init(params),
+        outer_state=outer.init(anchor))
+
+  def sync_step(count, local_new, anchor, outer_state):
+    avg = jax.tree.map(lambda x, a: x.astype(a.dtype), local_new, anchor)
+    if axis_name is not None:
+      avg = jax.lax.pmean(avg, axis_name)
+    delta = optax.tree.sub(anchor, avg)
+    if not scaled:
+      step, new_outer = outer.update(delta, outer_state, anchor)
+      new_anchor = jax.tree.map(lambda a, u: (a + u).astype(a.dtype),
+                                anchor, step)
+      return new_anchor, new_outer
+    gamma = (inner_learning_rate(count) if callable(inner_learning_rate)
+             else inner_learning_rate)
+    gamma = jnp.asarray(gamma)
+    active = gamma > 0
+    safe_gamma = jnp.where(active, gamma, 1.0)
+    pseudo_grad = jax.tree.map(lambda d: d / safe_gamma.astype(d.dtype), delta)
+    step, new_outer = outer.update(pseudo_grad, outer_state, anchor)
+    new_anchor = jax.tree.map(
+        lambda a, u: jnp.where(active, a + safe_gamma.astype(a.dtype) * u,
+                               a).astype(a.dtype), anchor, step)
+    new_outer = optax.tree.where(active, new_outer, outer_state)
+    return new_anchor, new_outer
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+          "local_steps needs the current parameters: call "
+          "update(grads, state, params)")
+    inner_updates, inner_state = inner.update(
+        updates, state.inner_state, params, **extra_args)
+    local_new = optax.apply_updates(params, inner_updates)
+    emitted_axes = jax.tree.map(
+        lambda u, p: _varying_axes(u) | _varying_axes(p), inner_updates, params)
+
+    def on_sync(operands):
+      count, local_new, params, anchor, outer_state = operands
+      new_anchor, new_outer = sync_step(count, local_new, anchor, outer_state)
+      emitted = jax.tree.map(
+          lambda a, p, u, ax: _vary((a - p.astype(a.dtype)).astype(u.dtype),
+                                    ax),
+          new_anchor, params, inner_updates, emitted_axes)
+      return (_vary_like(new_anchor, anchor),
+              _vary_like(new_outer, outer_state), emitted)
+
+    def on_local(operands):
+      _, _, _, anchor, outer_state = operands
+      emitted = jax.tree.map(_vary, inner_updates, emitted_axes)
+      return anchor, outer_state, emitted
+
+    count = state.count
+    is_sync = (count + 1) % sync_every == 0
+    anchor, outer_state, emitted = jax.lax.cond(
+        is_sync, on_sync, on_local,
+        (count, local_new, params, state.anchor, state.outer_state))
+    new_state = LocalStepsState(
+        count=optax.safe_increment(count),
+        anchor=anchor,
+        inner_state=inner_state,
+        outer_state=outer_state)
+    return emitted, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def local_steps_anchor(state: optax.OptState) -> optax.Params:
+  """The parameters to evaluate: the anchor of a :func:`local_steps` state.
+
+  Args:
+    state: a :class:`LocalStepsState`, or any optimizer state containing
+      exactly one (e.g. under ``optax.inject_hyperparams`` or ``MultiSteps``).
+
+  Returns:
+    The anchor :math:`x_{t,0}` (float32 tree like the parameters). At a round
+    boundary it is the global model, bitwise identical on every worker.
+
+  Example:
+    >>> eval_params = local_steps_anchor(opt_state)
+  """
+  found = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, LocalStepsState))
+           if isinstance(s, LocalStepsState)]
+  if len(found) != 1:
+    raise ValueError(
+        "local_steps_anchor expects a state holding exactly one "
+        f"LocalStepsState, found {len(found)}")
+  return found[0].anchor
+
+
+def broadcast_params(params: optax.Params, axis_name: AxisName) -> optax.Params:
+  r"""Gives every worker the parameters of worker 0 (one all-reduce, once).
+
+  .. math:: p \leftarrow \textstyle\sum_i [\,i = 0\,]\, p_i
+
+  Call it inside ``shard_map``, ``pmap`` or a named ``vmap`` before
+  ``local_steps(...).init`` when workers build their models from different
+  random keys: the anchor must start equal everywhere. The values are exact
+  (the other workers add zeros). Under ``shard_map`` the result is
+  device-invariant; mark the local copy varying before taking gradients.
+
+  Args:
+    params: the worker's parameters.
+    axis_name: the workers' axis name (or tuple of names).
+
+  Returns:
+    Worker 0's parameters, in the dtype of ``params``.
+
+  Example:
+    >>> params = broadcast_params(params, "x")
+  """
+  if axis_name is None:
+    raise ValueError("broadcast_params needs the workers' axis_name")
+  first = jax.lax.axis_index(axis_name) == 0
+  return jax.lax.psum(
+      jax.tree.map(lambda p: jnp.where(first, p, jnp.zeros_like(p)), params),
+      axis_name)

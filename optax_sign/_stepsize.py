@@ -1,0 +1,647 @@
+"""ALIAS: parameter-free stepsizes for Sign-SGD (and its momentum variant).
+
+ALIAS sets the Sign-SGD stepsize online as :math:`\\gamma_t = \\sqrt{D_t/\\eta_t}`,
+where :math:`\\eta_t` sums local :math:`L_\\infty`-smoothness samples built from
+gradient and iterate differences and :math:`D_t` estimates the initial
+suboptimality. Norms and inner products are global over the pytree the
+transformation sees and are accumulated in float32. The specification is
+``spec/alias.md`` (section 4 is the algorithm implemented here).
+"""
+
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sign import _checks
+from optax_sign import _sign
+
+AxisName = Union[str, Sequence[str], None]
+DISTANCES = ("gap", "lower_bound")
+MEMORIES = ("full", "sign")
+_F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------
+# Global reductions (float32) and packed sign storage.
+
+
+def _l1(tree: Any) -> jax.Array:
+  return sum((jnp.sum(jnp.abs(x), dtype=_F32) for x in jax.tree.leaves(tree)),
+             jnp.zeros([], _F32))
+
+
+def _linf(tree: Any) -> jax.Array:
+  return jnp.max(jnp.stack(
+      [jnp.max(jnp.abs(x), initial=0).astype(_F32)
+       for x in jax.tree.leaves(tree)] + [jnp.zeros([], _F32)]))
+
+
+def _dot(a: Any, b: Any) -> jax.Array:
+  return sum((jnp.sum(x.astype(_F32) * y.astype(_F32))
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+             jnp.zeros([], _F32))
+
+
+def _pack(mask: jax.Array) -> jax.Array:
+  """Packs a boolean array 8 per byte (uint8 of shape ``(ceil(size/8),)``)."""
+  return jnp.packbits(mask.reshape(-1))
+
+
+def _unpack(bits: jax.Array, like: jax.Array) -> jax.Array:
+  return jnp.unpackbits(bits, count=like.size).reshape(like.shape) != 0
+
+
+def _zero_bits(x: Any) -> jax.Array:
+  return jnp.zeros(((x.size + 7) // 8,), jnp.uint8)
+
+
+def _pack_signs(signs: Any, tie: str) -> tuple:
+  """Packs a tree of signs: (positive plane, nonzero plane or ())."""
+  positive = jax.tree.map(lambda s: _pack(s > 0), signs)
+  if tie != "zero":
+    return positive, ()
+  return positive, jax.tree.map(lambda s: _pack(s != 0), signs)
+
+
+def _unpack_signs(positive: Any, nonzero: Any, like: Any) -> Any:
+  """The float32 tree of signs stored by :func:`_pack_signs`."""
+  def one(p, x, nz=None):
+    s = jnp.where(_unpack(p, x), 1.0, -1.0).astype(_F32)
+    return s if nz is None else jnp.where(_unpack(nz, x), s, 0.0)
+  if _absent(nonzero):
+    return jax.tree.map(one, positive, like)
+  return jax.tree.map(lambda p, x, nz: one(p, x, nz), positive, like, nonzero)
+
+
+def _absent(tree: Any) -> bool:
+  """True for the empty tuple that stands for a field a configuration lacks."""
+  return isinstance(tree, tuple) and not tree
+
+
+def _is_zero(value: Any) -> bool:
+  """True when ``value`` is a concrete zero (a traced value counts as nonzero)."""
+  if isinstance(value, jax.core.Tracer):
+    return False
+  return float(value) == 0.0
+
+
+def _pmean(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+# ----------------------------------------------------------------------------
+# ALIAS Sign-SGD.
+
+
+class AliasState(NamedTuple):
+  """State of :func:`scale_by_alias`.
+
+  ``stepsize``, ``smoothness`` and ``distance`` are the fields to log, e.g.
+  ``optax.tree.get(state, "stepsize")``. Tree fields that a configuration does
+  not need are empty tuples.
+  """
+  count: jax.Array  # int32 scalar: updates so far (t)
+  stepsize: jax.Array  # float32 scalar: gamma of the last update
+  smoothness: jax.Array  # float32 scalar: eta, the sum of smoothness samples
+  distance: jax.Array  # float32 scalar: D (d for "gap", f(x0)-f_lower else)
+  d_tilde: jax.Array  # float32 scalar: sum of -<g_t, x_t - x_{t-k}> ("gap")
+  f_diff: jax.Array  # float32 scalar: max(f(x0) - f_lower, 0)
+  last_update_norm: jax.Array  # float32 scalar: U = ||u_{t-1}||_inf
+  last_inner: jax.Array  # float32 scalar: A = -<g_{t-1}, u_{t-1}> ("sign")
+  grad_snapshot: Any  # tree like params, state_dtype: g at the last
+  #   snapshot (memory="full"), else ()
+  window: Any  # tree like params, float32: x_t - x_snapshot (only when
+  #   update_gap > 1, weight_decay > 0 or momentum > 0 with memory="full")
+  momentum: Any  # tree like params, state_dtype: momentum buffer, or ()
+  sign_bits: Any  # tree of uint8 (ceil(size/8),): s_{t-1} > 0, packed
+  #   (memory="sign"), else ()
+  nonzero_bits: Any  # tree of uint8: s_{t-1} != 0 (memory="sign" and
+  #   tie="zero"), else ()
+
+
+def scale_by_alias(
+    distance: str = "gap",
+    d0: float = 1e-6,
+    f_lower: float = 0.0,
+    initial_value: Optional[float] = None,
+    eta0: float = 0.0,
+    initial_stepsize: float = 1e-6,
+    max_stepsize: Optional[float] = None,
+    update_gap: int = 1,
+    warmup_steps: int = 0,
+    warmup_stepsize: Optional[optax.ScalarOrSchedule] = None,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    memory: str = "full",
+    tie: str = "zero",
+    state_dtype: Any = jnp.float32,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sign-SGD with the parameter-free ALIAS stepsize; emits the final update.
+
+  At step :math:`t` with gradient :math:`g_t` and snapshot gap :math:`k`
+  (:math:`\Delta_t = x_t - x_{t-k}`, the transformation's own past outputs):
+
+  .. math::
+    \hat L_t = \frac{\|g_t - g_{t-k}\|_1}{\|\Delta_t\|_\infty},\quad
+    \eta_t = \eta_{t-1} + \hat L_t,\quad
+    \tilde d_t = \tilde d_{t-1} - \langle g_t, \Delta_t\rangle,\quad
+    d_t = \max(d_{t-1}, \tilde d_t),
+
+  :math:`D_t = d_t` (``distance="gap"``) or :math:`f(x_0) - \tilde f`
+  (``"lower_bound"``), :math:`\gamma_t = \min(\sqrt{D_t/\eta_t},
+  \gamma_{\max})` and
+
+  .. math::
+    u_t = -\gamma_t\big(\operatorname{tsign}(g_t) + \lambda x_t\big).
+
+  Statistics are sampled and :math:`\gamma` recomputed every ``update_gap``
+  steps after ``warmup_steps`` steps of plain Sign-SGD at
+  ``warmup_stepsize``; :math:`\gamma` is held in between. A zero iterate
+  difference skips the sample, :math:`\eta = 0` gives ``initial_stepsize``, and
+  :math:`f(x_0) \le \tilde f` gives :math:`\gamma = 0` (``f_lower`` must lie
+  below the attainable loss), so no NaN or inf ever reaches the parameters.
+
+  It must be the **last** element of a chain (it includes the minus sign and
+  uses its own previous outputs as iterate differences); whatever precedes it
+  (e.g. ``optax.clip_by_global_norm``) defines the gradient of the statistics.
+
+  ``memory="sign"`` keeps only the packed applied direction (1 bit per
+  parameter with ``tie="positive"``/``"negative"``, 2 with ``tie="zero"``) and
+  replaces the numerator by the secant
+  :math:`\max(0, (A + \langle g_t, u_{t-1}\rangle)/U^2)` with
+  :math:`A = -\langle g_{t-1}, u_{t-1}\rangle`, :math:`U = \|u_{t-1}\|_\infty`.
+
+  Extra arguments of ``update``: ``value`` (the loss; needed on every call for
+  ``distance="lower_bound"`` without ``initial_value``, only the first is
+  used), ``prev_grads`` (same-batch estimator: the current batch's gradient
+  at :math:`x_{t-k}`, see :func:`alias_previous_params`; replaces the stored
+  gradient in the numerator), and ``params`` (needed for weight decay).
+
+  Args:
+    distance: ``"gap"`` (Option I) or ``"lower_bound"`` (Option II).
+    d0: Option I floor of the distance estimate, > 0.
+    f_lower: Option II lower bound of the loss.
+    initial_value: Option II :math:`f(x_0)`; if None it is taken from the
+      first ``value=``.
+    eta0: initial smoothness accumulator, >= 0.
+    initial_stepsize: stepsize used at a recompute while :math:`\eta = 0`.
+    max_stepsize: optional cap on :math:`\gamma`.
+    update_gap: :math:`k \ge 1`; must be 1 for ``memory="sign"``.
+    warmup_steps: steps of plain Sign-SGD before ALIAS starts.
+    warmup_stepsize: scalar or schedule of the step count; required when
+      ``warmup_steps > 0``.
+    weight_decay: decoupled decay :math:`\lambda \ge 0`, scaled by
+      :math:`\gamma_t` (needs ``params``).
+    momentum: :math:`0 \le \mu < 1`: the direction is the sign of the buffer
+      :math:`m_t = \mu m_{t-1} + g_t` (:math:`m_0 = g_0`); the statistics stay
+      on raw gradients. Decides whether a buffer exists: pass a Python number.
+    nesterov: use :math:`\operatorname{tsign}(g_t + \mu m_t)`.
+    memory: ``"full"`` or ``"sign"``.
+    tie: tie policy of the sign (see :func:`optax_sign.tie_sign`).
+    state_dtype: dtype of the gradient snapshot and momentum buffer.
+    axis_name: optional named axis of workers. The direction is then the
+      majority vote of the workers' directions and every worker computes the
+      same stepsize from one ``pmean`` of a few scalars (spec section 7).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose updates come out in the
+    gradient's dtype.
+
+  Example:
+    >>> tx = scale_by_alias()                       # Option I, no tuning
+    >>> tx = scale_by_alias("lower_bound", f_lower=0.0)
+    >>> # updates, state = tx.update(grads, state, params, value=loss)
+
+  References:
+    Medyakov et al., "Sign-SGD is the Golden Gate between Multi-Node to
+    Single-Node Learning: Significant Boost via Parameter-Free Optimization",
+    arXiv 2506.03725.
+  """
+  _checks.check_choice("distance", distance, DISTANCES)
+  _checks.check_choice("memory", memory, MEMORIES)
+  _checks.check_tie(tie)
+  _checks.check_positive("d0", d0)
+  _checks.check_interval("f_lower", f_lower, -float("inf"), float("inf"))
+  if initial_value is not None:
+    _checks.check_interval("initial_value", initial_value, -float("inf"),
+                           float("inf"))
+  _checks.check_nonnegative("eta0", eta0)
+  _checks.check_positive("initial_stepsize", initial_stepsize)
+  if max_stepsize is not None:
+    _checks.check_positive("max_stepsize", max_stepsize)
+  _checks.check_int("update_gap", update_gap, 1)
+  _checks.check_int("warmup_steps", warmup_steps, 0)
+  if warmup_steps > 0 and warmup_stepsize is None:
+    raise ValueError("warmup_stepsize (a scalar or a schedule) is required "
+                     f"when warmup_steps > 0, got warmup_steps={warmup_steps}")
+  if warmup_stepsize is not None and not callable(warmup_stepsize):
+    _checks.check_nonnegative("warmup_stepsize", warmup_stepsize)
+  _checks.check_nonnegative("weight_decay", weight_decay)
+  _checks.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
+  if memory == "sign" and update_gap != 1:
+    raise ValueError("memory='sign' requires update_gap=1 (a window of several "
+                     f"steps is not representable in bits), got {update_gap}")
+  state_dtype = _checks.check_float_dtype("state_dtype", state_dtype)
+
+  k = update_gap
+  full = memory == "full"
+  has_decay = not _is_zero(weight_decay)
+  has_momentum = not _is_zero(momentum)
+  has_window = full and (k > 1 or has_decay or has_momentum)
+  # A vote is never the sign of a local gradient: keep it as bits.
+  keep_bits = not full or axis_name is not None
+  option2 = distance == "lower_bound"
+
+  def init_fn(params):
+    zero = jnp.zeros([], _F32)
+    bits = jax.tree.map(_zero_bits, params) if keep_bits else ()
+    return AliasState(
+        count=jnp.zeros([], jnp.int32),
+        stepsize=zero,
+        smoothness=jnp.asarray(eta0, _F32),
+        distance=zero if option2 else jnp.asarray(d0, _F32),
+        d_tilde=zero,
+        f_diff=zero,
+        last_update_norm=zero,
+        last_inner=zero,
+        grad_snapshot=(optax.tree.zeros_like(params, dtype=state_dtype)
+                       if full else ()),
+        window=optax.tree.zeros_like(params, dtype=_F32) if has_window else (),
+        momentum=(optax.tree.zeros_like(params, dtype=state_dtype)
+                  if has_momentum else ()),
+        sign_bits=bits,  # separate buffers: states may be donated
+        nonzero_bits=(jax.tree.map(_zero_bits, params)
+                      if keep_bits and tie == "zero" else ()))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if has_decay and params is None:
+      raise ValueError("scale_by_alias with weight_decay > 0 needs params: "
+                       "call update(grads, state, params)")
+    prev_grads = extra_args.get("prev_grads")
+    t = state.count
+    gamma_prev = state.stepsize
+    sample = (t > warmup_steps) & (t % k == 0)
+
+    # Previous applied direction and its iterate difference Delta.
+    if keep_bits:
+      s_prev = _unpack_signs(state.sign_bits, state.nonzero_bits, updates)
+    elif not has_window:
+      s_prev = jax.tree.map(lambda g: _sign.tie_sign(g.astype(_F32), tie),
+                            state.grad_snapshot)
+    if has_window:
+      delta = state.window
+    elif has_decay:  # sign memory with decay: rebuild u_{t-1} from x_t.
+      shrink = 1.0 - gamma_prev * weight_decay
+      shrink = jnp.where(shrink > 0, shrink, 1.0)
+      delta = jax.tree.map(
+          lambda s, x: -gamma_prev * (s + weight_decay * x.astype(_F32))
+          / shrink, s_prev, params)
+    else:
+      delta = jax.tree.map(lambda s: -gamma_prev * s, s_prev)
+
+    # Local scalars, averaged over workers in one pmean.
+    zero = jnp.zeros([], _F32)
+    secant = not full and prev_grads is None
+    g_delta = _dot(updates, delta) if secant or not option2 else zero
+    if prev_grads is not None:
+      num = _l1(jax.tree.map(lambda g, p: g.astype(_F32) - p.astype(_F32),
+                             updates, prev_grads))
+    elif full:
+      num = _l1(jax.tree.map(lambda g, p: g.astype(_F32) - p.astype(_F32),
+                             updates, state.grad_snapshot))
+    else:
+      num = jnp.zeros([], _F32)
+    if option2:
+      if initial_value is not None:
+        f0 = jnp.asarray(initial_value, _F32)
+      elif extra_args.get("value") is None:
+        raise ValueError(
+            "scale_by_alias(distance='lower_bound') needs the loss: pass "
+            "value=loss to update (only the first call's value is used) or "
+            "set initial_value= at construction")
+      else:
+        f0 = jnp.asarray(extra_args["value"], _F32)
+    else:
+      f0 = jnp.zeros([], _F32)
+
+    direction_src, new_momentum = updates, state.momentum
+    if has_momentum:
+      new_momentum = jax.tree.map(
+          lambda g, m: jnp.where(t == 0, g.astype(_F32),
+                                 momentum * m.astype(_F32) + g.astype(_F32)),
+          updates, state.momentum)
+      direction_src = new_momentum
+      if nesterov:
+        direction_src = jax.tree.map(
+            lambda g, m: g.astype(_F32) + momentum * m, updates, new_momentum)
+    if axis_name is None:
+      signs = jax.tree.map(lambda v: _sign.tie_sign(v, tie).astype(_F32),
+                           direction_src)
+    else:
+      from optax_sign import _communication  # pylint: disable=g-import-not-at-top
+      signs = optax.tree.cast(
+          _communication.vote_signs(direction_src, axis_name, tie=tie), _F32)
+    g_s = _dot(updates, signs) if secant else zero
+    g_x = _dot(updates, params) if secant and has_decay else zero
+    g_delta, num, f0, g_s, g_x = jnp.unstack(_pmean(
+        jnp.stack([g_delta, num, f0, g_s, g_x]), axis_name))
+
+    # 1. Option II distance from the first loss.
+    f_diff = jnp.where(t == 0, jnp.maximum(f0 - f_lower, 0.0), state.f_diff)
+
+    # 2. Smoothness sample and distance increment.
+    den = state.last_update_norm if k == 1 else _linf(delta)
+    if not secant:
+      l_hat = num / jnp.where(den > 0, den, 1.0)
+    else:
+      l_hat = jnp.maximum(
+          (state.last_inner + g_delta) / jnp.where(den > 0, den * den, 1.0), 0.)
+    ok = sample & (den > 0) & jnp.isfinite(l_hat)
+    eta = state.smoothness + jnp.where(ok, l_hat, 0.0)
+    d_tilde = state.d_tilde + jnp.where(sample & (not option2), -g_delta, 0.0)
+
+    # 3. Stepsize.
+    recompute = (t == warmup_steps) | sample
+    dist = f_diff if option2 else jnp.maximum(state.distance, d_tilde)
+    gamma = jnp.where(eta > 0, jnp.sqrt(dist / jnp.where(eta > 0, eta, 1.0)),
+                      jnp.asarray(initial_stepsize, _F32))
+    if max_stepsize is not None:
+      gamma = jnp.minimum(gamma, max_stepsize)
+    gamma = jnp.where(recompute, gamma, gamma_prev)
+    dist = jnp.where(recompute, dist, state.distance)
+    if warmup_steps > 0:
+      warm = (warmup_stepsize(t) if callable(warmup_stepsize)
+              else warmup_stepsize)
+      gamma = jnp.where(t < warmup_steps, jnp.asarray(warm, _F32), gamma)
+    gamma = gamma.astype(_F32)
+
+    # 4-5. Update u_t = -gamma (s_t + wd x_t).
+    if has_decay:
+      u32 = jax.tree.map(
+          lambda s, x: -gamma * (s + weight_decay * x.astype(_F32)),
+          signs, params)
+      u_norm = gamma * _linf(jax.tree.map(
+          lambda s, x: s + weight_decay * x.astype(_F32), signs, params))
+    else:
+      u32 = jax.tree.map(lambda s: -gamma * s, signs)
+      u_norm = gamma * _linf(signs)
+    new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), u32, updates)
+
+    # 6. Bookkeeping.
+    snap = t % k == 0
+    grad_snapshot = state.grad_snapshot
+    if full:
+      grad_snapshot = jax.tree.map(
+          lambda g, old: jnp.where(snap, g.astype(state_dtype), old),
+          updates, state.grad_snapshot)
+    window = state.window
+    if has_window:
+      window = jax.tree.map(lambda w, u: jnp.where(snap, 0.0, w) + u,
+                            state.window, u32)
+    sign_bits, nonzero_bits = state.sign_bits, state.nonzero_bits
+    if keep_bits:
+      sign_bits, nonzero_bits = _pack_signs(signs, tie)
+    last_inner = gamma * (g_s + weight_decay * g_x if has_decay else g_s)
+    new_state = AliasState(
+        count=optax.safe_increment(t),
+        stepsize=gamma,
+        smoothness=eta.astype(_F32),
+        distance=dist.astype(_F32),
+        d_tilde=d_tilde.astype(_F32),
+        f_diff=f_diff.astype(_F32),
+        last_update_norm=u_norm.astype(_F32),
+        last_inner=last_inner.astype(_F32),
+        grad_snapshot=grad_snapshot,
+        window=window,
+        momentum=(optax.tree.cast(new_momentum, state_dtype)
+                  if has_momentum else ()),
+        sign_bits=sign_bits,
+        nonzero_bits=nonzero_bits)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_alias_state(state: Any) -> AliasState:
+  found = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, AliasState))
+           if isinstance(s, AliasState)]
+  if len(found) != 1:
+    raise ValueError("expected exactly one AliasState in the optimizer state, "
+                     f"found {len(found)}")
+  return found[0]
+
+
+def alias_previous_params(params: optax.Params,
+                          state: optax.OptState,
+                          weight_decay: float = 0.0,
+                          tie: str = "zero") -> optax.Params:
+  r"""The iterate :math:`x_{t-k}` for the same-batch estimator.
+
+  Returns :math:`x_t - (x_t - x_{t-k})`: the stored window when there is one,
+  otherwise :math:`x_t - u_{t-1}` rebuilt from the stored direction. Evaluate
+  the current batch's gradient there and pass it as ``prev_grads=``.
+
+  Args:
+    params: the current parameters :math:`x_t`.
+    state: the optimizer state (any state containing one :class:`AliasState`).
+    weight_decay: the transformation's ``weight_decay`` (needed only for the
+      rebuild with ``memory="sign"``).
+    tie: the transformation's ``tie`` (needed only for ``memory="full"``
+      without a window).
+
+  Returns:
+    A tree like ``params``.
+
+  Example:
+    >>> # prev = alias_previous_params(params, opt_state)
+    >>> # prev_grads = jax.grad(loss)(prev, batch)
+    >>> # updates, opt_state = tx.update(grads, opt_state, params,
+    >>> #                                prev_grads=prev_grads)
+  """
+  s = _find_alias_state(state)
+  if not _absent(s.window):
+    return jax.tree.map(lambda x, w: (x - w).astype(x.dtype), params, s.window)
+  gamma = s.stepsize
+  if not _absent(s.sign_bits):  # x_t - u_{t-1}, u_{t-1} as in the update.
+    signs = _unpack_signs(s.sign_bits, s.nonzero_bits, params)
+    shrink = 1.0 - gamma * weight_decay
+    shrink = jnp.where(shrink > 0, shrink, 1.0)
+    return jax.tree.map(
+        lambda x, d: (x.astype(_F32) + gamma * (
+            d + weight_decay * x.astype(_F32)) / shrink).astype(x.dtype),
+        params, signs)
+  return jax.tree.map(
+      lambda x, g: (x.astype(_F32) + gamma * _sign.tie_sign(
+          g.astype(_F32), tie)).astype(x.dtype), params, s.grad_snapshot)
+
+
+# ----------------------------------------------------------------------------
+# Momentum / Adam-style ALIAS (experimental).
+
+
+class AliasMomentumState(NamedTuple):
+  """State of :func:`scale_by_alias_momentum` (``distance`` is the one to log)."""
+  count: jax.Array  # int32 scalar
+  distance: Any  # float32 scalar d (a tree of per-leaf scalars if per_tensor)
+  running: Any  # float32 scalar r (likewise)
+  mu: optax.Updates  # tree like params, state_dtype: first moment m
+  nu: optax.Updates  # tree like params, state_dtype: second moment v
+  prev_grad: Any  # tree like params, state_dtype, for dot="abs_abs"; else ()
+  sign_bits: Any  # tree of packed uint8: g_{t-1} > 0, for dot="sign_inner"
+  nonzero_bits: Any  # tree of packed uint8: g_{t-1} != 0, for "sign_inner"
+
+
+def scale_by_alias_momentum(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    d0: float = 1e-6,
+    r0: float = 0.0,
+    dot: str = "sign_inner",
+    direction: str = "sign_snr",
+    per_tensor: bool = False,
+    weight_decay: float = 0.0,
+    state_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Momentum / Adam-style ALIAS (experimental reconstruction).
+
+  For :math:`t \ge 1`, with :math:`c_t = \langle g_t,
+  \operatorname{sign}(g_{t-1})\rangle` (``dot="sign_inner"``) or
+  :math:`\sum |g_t||g_{t-1}|` (``"abs_abs"``):
+
+  .. math::
+    r_t = \sqrt{\beta_2} r_{t-1} + (1 - \sqrt{\beta_2}) d_{t-1} c_t,\quad
+    d_t = \max(d_{t-1}, r_t),
+
+  then (zero initial moments, no bias correction)
+  :math:`m_t = \beta_1 m_{t-1} + (1-\beta_1) d_t g_t`,
+  :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) d_t^2 g_t^2` and
+
+  .. math::
+    u_t = -\alpha_t\Big(d_t\sqrt{\tfrac{m_t^2+\epsilon}{v_t+\epsilon}}
+    \operatorname{sign}(m_t) + \lambda x_t\Big)
+    \ \text{(``sign_snr``)},\qquad
+    u_t = -\alpha_t\Big(\frac{d_t m_t}{\sqrt{v_t}+\epsilon} + \lambda x_t\Big)
+    \ \text{(``adam``)}.
+
+  Scalars are global by default; ``per_tensor=True`` keeps one
+  :math:`(r, d)` per leaf, as the released code does. It emits the final
+  update (minus sign and ``learning_rate`` included).
+
+  Args:
+    learning_rate: :math:`\alpha_t`, a scalar or a schedule.
+    b1, b2: moment decays in [0, 1).
+    eps: :math:`\epsilon > 0`.
+    d0: initial distance estimate, > 0.
+    r0: initial running estimate, >= 0.
+    dot: ``"sign_inner"`` (stores only packed signs of the previous gradient)
+      or ``"abs_abs"`` (stores the previous gradient).
+    direction: ``"sign_snr"`` or ``"adam"``.
+    per_tensor: one distance estimate per leaf instead of a global one.
+    weight_decay: decoupled decay :math:`\lambda \ge 0` (needs ``params``).
+    state_dtype: dtype of the moments and of the stored gradient.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> tx = scale_by_alias_momentum(learning_rate=1e-3, d0=1.0)
+
+  References:
+    Medyakov et al., arXiv 2506.03725 (Adam-like ALIAS); Mishchenko and
+    Defazio, "Prodigy", arXiv 2306.06101.
+  """
+  if not callable(learning_rate):
+    _checks.check_nonnegative("learning_rate", learning_rate)
+  _checks.check_interval("b1", b1, 0.0, 1.0, high_open=True)
+  _checks.check_interval("b2", b2, 0.0, 1.0, high_open=True)
+  _checks.check_positive("eps", eps)
+  _checks.check_positive("d0", d0)
+  _checks.check_nonnegative("r0", r0)
+  _checks.check_choice("dot", dot, ("sign_inner", "abs_abs"))
+  _checks.check_choice("direction", direction, ("sign_snr", "adam"))
+  _checks.check_nonnegative("weight_decay", weight_decay)
+  state_dtype = _checks.check_float_dtype("state_dtype", state_dtype)
+  has_decay = not _is_zero(weight_decay)
+
+  def scalars(params, value):
+    if per_tensor:
+      return jax.tree.map(lambda _: jnp.asarray(value, _F32), params)
+    return jnp.asarray(value, _F32)
+
+  def init_fn(params):
+    bits = jax.tree.map(_zero_bits, params) if dot == "sign_inner" else ()
+    return AliasMomentumState(
+        count=jnp.zeros([], jnp.int32),
+        distance=scalars(params, d0),
+        running=scalars(params, r0),
+        mu=optax.tree.zeros_like(params, dtype=state_dtype),
+        nu=optax.tree.zeros_like(params, dtype=state_dtype),
+        prev_grad=(optax.tree.zeros_like(params, dtype=state_dtype)
+                   if dot == "abs_abs" else ()),
+        sign_bits=bits if dot == "sign_inner" else (),
+        nonzero_bits=(jax.tree.map(_zero_bits, params)
+                      if dot == "sign_inner" else ()))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if has_decay and params is None:
+      raise ValueError("scale_by_alias_momentum with weight_decay > 0 needs "
+                       "params: call update(grads, state, params)")
+    t = state.count
+    if dot == "sign_inner":
+      prev = _unpack_signs(state.sign_bits, state.nonzero_bits, updates)
+      c = jax.tree.map(lambda g, s: jnp.sum(g.astype(_F32) * s), updates, prev)
+    else:
+      c = jax.tree.map(
+          lambda g, p: jnp.sum(jnp.abs(g.astype(_F32)) * jnp.abs(
+              p.astype(_F32))), updates, state.prev_grad)
+    if not per_tensor:
+      c = sum(jax.tree.leaves(c), jnp.zeros([], _F32))
+    rb2 = b2 ** 0.5
+    running = jax.tree.map(
+        lambda r, d, ci: jnp.where(t > 0, rb2 * r + (1 - rb2) * d * ci, r),
+        state.running, state.distance, c)
+    dist = jax.tree.map(jnp.maximum, state.distance, running)
+    d_tree = (dist if per_tensor
+              else jax.tree.map(lambda _: dist, updates))
+    mu = jax.tree.map(
+        lambda g, m, d: b1 * m.astype(_F32) + (1 - b1) * d * g.astype(_F32),
+        updates, state.mu, d_tree)
+    nu = jax.tree.map(
+        lambda g, v, d: b2 * v.astype(_F32)
+        + (1 - b2) * jnp.square(d * g.astype(_F32)), updates, state.nu, d_tree)
+    if direction == "sign_snr":
+      dirs = jax.tree.map(
+          lambda m, v, d: d * jnp.sqrt((m * m + eps) / (v + eps)) * jnp.sign(m),
+          mu, nu, d_tree)
+    else:
+      dirs = jax.tree.map(lambda m, v, d: d * m / (jnp.sqrt(v) + eps),
+                          mu, nu, d_tree)
+    if has_decay:
+      dirs = jax.tree.map(lambda u, x: u + weight_decay * x.astype(_F32),
+                          dirs, params)
+    lr = learning_rate(t) if callable(learning_rate) else learning_rate
+    new_updates = jax.tree.map(lambda u, g: (-lr * u).astype(g.dtype),
+                               dirs, updates)
+    sign_bits, nonzero_bits = state.sign_bits, state.nonzero_bits
+    if dot == "sign_inner":
+      sign_bits, nonzero_bits = _pack_signs(updates, "zero")
+    return new_updates, AliasMomentumState(
+        count=optax.safe_increment(t),
+        distance=dist,
+        running=running,
+        mu=optax.tree.cast(mu, state_dtype),
+        nu=optax.tree.cast(nu, state_dtype),
+        prev_grad=(optax.tree.cast(updates, state_dtype)
+                   if dot == "abs_abs" else ()),
+        sign_bits=sign_bits,
+        nonzero_bits=nonzero_bits)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

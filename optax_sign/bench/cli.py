@@ -1,0 +1,242 @@
+"""Command line: compare optimizers side by side on real data.
+
+Examples::
+
+  python -m optax_sign.bench                      # ALIAS vs tuned Sign-SGD vs AdamW
+  python -m optax_sign.bench --task logreg --data rcv1.libsvm --steps 1000
+  python -m optax_sign.bench --task mlp --data /usr/share/datasets/fashion-mnist
+  python -m optax_sign.bench --task charlm --optimizers alias adamw prodigy
+  python -m optax_sign.bench --workers 8 --task mlp   # majority vote, DSM-LS...
+  python -m optax_sign.bench --list
+
+Every run prints a table, writes ``results.json`` and one PNG per task into
+``--out``, and shows a progress bar.
+"""
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+from optax_sign.bench import data as data_lib
+from optax_sign.bench import optimizers as opt_lib
+from optax_sign.bench import tasks as task_lib
+
+
+def _lr_override(text: str):
+  name, sep, value = text.partition("=")
+  try:
+    if not sep:
+      raise ValueError
+    return name, float(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected NAME=LR (e.g. adamw=3e-3), got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="optax-sign-bench",
+      description="Compare optax_sign optimizers with optax baselines on real "
+                  "data (logistic regression, an MLP, a character Transformer).",
+      epilog="Default: ALIAS vs grid-tuned Sign-SGD vs AdamW on logreg and mlp.")
+  p.add_argument("--task", nargs="+", choices=task_lib.TASKS,
+                 default=["logreg", "mlp"], help="tasks to run (default: "
+                 "logreg mlp)")
+  p.add_argument("--optimizers", "-o", nargs="*", default=None,
+                 help="optimizers run at their default (or --lr) learning "
+                 "rate; see --list (default: alias adamw; with --workers > 1: "
+                 + " ".join(opt_lib.DEFAULT_MULTI) + ")")
+  p.add_argument("--grid", nargs="*", default=None,
+                 help="baselines whose learning rate is tuned over a log grid "
+                 "(default: sign_sgd with one worker, none with several; "
+                 "pass --grid with no names to disable)")
+  p.add_argument("--grid-range", nargs=2, type=float, default=(1e-4, 1.0),
+                 metavar=("LOW", "HIGH"), help="grid bounds (default 1e-4 1)")
+  p.add_argument("--grid-points", type=int, default=5,
+                 help="grid size (default 5, one per decade)")
+  p.add_argument("--lr", type=_lr_override, action="append", default=[],
+                 metavar="NAME=LR", help="learning rate of one optimizer")
+  p.add_argument("--steps", type=int, default=None,
+                 help="training steps per run (default: per task, 300)")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help="mini-batch size per worker; 0 = full batch (default: "
+                 "logreg full batch, mlp 128, charlm 32)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--workers", type=int, default=1,
+                 help="simulated CPU devices (shard_map); > 1 runs the "
+                 "multi-worker methods and counts bytes on the wire")
+  p.add_argument("--data", default=None,
+                 help="data path for the (single) task: a LIBSVM file "
+                 "(logreg), a directory or images file in MNIST idx format "
+                 "(mlp; e.g. /usr/share/datasets/fashion-mnist from Debian's "
+                 "dataset-fashion-mnist), a UTF-8 text file (charlm)")
+  p.add_argument("--out", default="bench_results",
+                 help="output folder for results.json and the plots")
+  p.add_argument("--log-every", type=int, default=None,
+                 help="evaluate the objective every K steps (default: 50 "
+                 "points per run)")
+  p.add_argument("--tiny", action="store_true",
+                 help="tiny data, models and steps (for tests and smoke runs)")
+  p.add_argument("--no-progress", action="store_true",
+                 help="hide the progress bars")
+  p.add_argument("--list", action="store_true",
+                 help="list the optimizers and exit")
+  return p
+
+
+def list_optimizers() -> str:
+  lines = []
+  for multi in (False, True):
+    lines.append("multi-worker (--workers N >= 2):" if multi
+                 else "one worker:")
+    for e in opt_lib.REGISTRY.values():
+      if e.multi_worker != multi:
+        continue
+      lr = f"lr {e.default_lr:g}" if e.tunable else "parameter-free"
+      status = "" if e.available else (
+          "  [unavailable: needs optax_sign." + ", optax_sign.".join(e.missing)
+          + "]")
+      lines.append(f"  {e.name:14s} {lr:15s} {e.description}{status}")
+  return "\n".join(lines)
+
+
+def _fail(message: str):
+  raise SystemExit(f"optax-sign-bench: error: {message}")
+
+
+def _select(args, multi: bool):
+  """(entries to run at one lr, entries to grid-tune, messages)."""
+  names = args.optimizers
+  if names is None:
+    names = opt_lib.DEFAULT_MULTI if multi else opt_lib.DEFAULT_SINGLE
+  grid = args.grid
+  if grid is None:
+    grid = () if multi else opt_lib.DEFAULT_GRID
+  try:
+    plain, skipped = opt_lib.available(names)
+    tuned, skipped_grid = opt_lib.available(grid)
+    for name, _ in args.lr:
+      opt_lib.lookup(name)
+  except ValueError as e:
+    _fail(str(e))
+  for e in plain + tuned:
+    if e.multi_worker != multi:
+      _fail(f"optimizer {e.name!r} is "
+            + ("multi-worker: pass --workers N with N >= 2" if e.multi_worker
+               else "single-worker: with --workers > 1 use the multi-worker "
+               "methods (see --list)"))
+  for e in tuned:
+    if not e.tunable:
+      _fail(f"--grid {e.name}: it is parameter-free (no learning rate)")
+  return plain, tuned, skipped + skipped_grid
+
+
+def run_task(args, name: str, plain, tuned, mesh, lrs: dict, out: str):
+  """Runs every optimizer on one task; returns (rows, grids, task)."""
+  from optax_sign.bench import distributed  # pylint: disable=g-import-not-at-top
+  from optax_sign.bench import report  # pylint: disable=g-import-not-at-top
+  from optax_sign.bench import runner  # pylint: disable=g-import-not-at-top
+
+  try:
+    task = task_lib.make_task(name, args.data, args.batch_size, args.tiny,
+                              args.seed)
+  except data_lib.DataError as e:
+    _fail(str(e))
+  steps = args.steps or task_lib.DEFAULT_STEPS[name][1 if args.tiny else 0]
+  log_every = args.log_every or max(1, steps // 50)
+  context = opt_lib.Context(axis_name=opt_lib.AXIS if mesh else None,
+                            steps=steps, f_lower=task.f_lower)
+  workers = f", {args.workers} workers" if mesh else ""
+  print(f"\n== {name}: {task.description}; {task.num_params} parameters; "
+        f"{steps} steps{workers}", flush=True)
+
+  def stepper(entry, lr):
+    if mesh is not None:
+      return distributed.multi_worker_stepper(task, entry, context, lr, mesh)
+    return runner.single_worker_stepper(task, entry, context, lr)
+
+  def train(st, entry, lr, set_lr=None):
+    run = runner.Run(entry.name, lr)
+    desc = f"{name}/{entry.name}" + (f" lr={lr:.3g}" if lr else "")
+    return runner.train(st, run, steps, args.seed, log_every,
+                        progress=not args.no_progress, desc=desc,
+                        set_lr=set_lr)
+
+  rows, grids = [], []
+  for entry in plain:
+    lr = lrs.get(entry.name, entry.default_lr) if entry.tunable else None
+    rows.append(report.Row(entry.name, train(stepper(entry, lr), entry, lr)))
+  lows, highs = args.grid_range
+  grid_lrs = opt_lib.log_grid(lows, highs, args.grid_points)
+  for entry in tuned:
+    st = stepper(entry, grid_lrs[0])  # compiled once for the whole grid
+    grid = report.Grid(entry.name, [train(st, entry, lr, set_lr=lr)
+                                    for lr in grid_lrs])
+    grids.append(grid)
+    rows.append(grid.row())
+
+  print(report.table(rows, task.num_params, multi_worker=mesh is not None))
+  if grids:
+    print(report.grid_summary(grids))
+  png = os.path.join(out, f"{name}.png")
+  title = f"{name}: {task.description}{workers}"
+  report.plot(png, title, rows, grids, multi_worker=mesh is not None)
+  print(f"plot: {png}", flush=True)
+  return rows, grids, task
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Entry point of ``python -m optax_sign.bench`` and ``optax-sign-bench``."""
+  args = parser().parse_args(argv)
+  if args.list:
+    print(list_optimizers())
+    return 0
+  if args.workers < 1:
+    _fail("--workers must be >= 1")
+  if args.steps is not None and args.steps < 1:
+    _fail("--steps must be >= 1")
+  if args.data is not None and len(args.task) != 1:
+    _fail("--data applies to one task: pass exactly one --task")
+  if args.data is not None and not os.path.exists(args.data):
+    _fail(f"data path {args.data!r} does not exist")
+  multi = args.workers > 1
+  if multi:
+    from optax_sign.bench import distributed  # pylint: disable=g-import-not-at-top
+    distributed.request_devices(args.workers)
+  plain, tuned, skipped = _select(args, multi)
+  for message in skipped:
+    print(message, file=sys.stderr)
+  if not plain and not tuned:
+    _fail("no optimizer left to run")
+  try:
+    os.makedirs(args.out, exist_ok=True)
+  except OSError as e:
+    _fail(f"cannot create output folder {args.out!r}: {e}")
+
+  from optax_sign.bench import report  # pylint: disable=g-import-not-at-top
+  mesh = None
+  if multi:
+    try:
+      mesh = distributed.make_mesh(args.workers)
+    except ValueError as e:
+      _fail(str(e))
+  start = time.perf_counter()
+  results = {}
+  for name in args.task:
+    rows, grids, task = run_task(args, name, plain, tuned, mesh,
+                                 dict(args.lr), args.out)
+    results[name] = {"description": task.description,
+                     "num_params": task.num_params, "skipped": skipped,
+                     **report.to_dict(rows, grids)}
+  config = {k: v for k, v in vars(args).items() if k != "list"}
+  config["lr"] = dict(args.lr)
+  path = os.path.join(args.out, "results.json")
+  report.write_json(path, config, results)
+  print(f"\nresults: {path} (total {time.perf_counter() - start:.1f} s)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

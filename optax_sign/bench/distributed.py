@@ -1,0 +1,135 @@
+"""Multi-worker runs on N simulated CPU devices with ``jax.shard_map``.
+
+Every worker holds its own copy of the parameters and of the optimizer state,
+stacked on a leading worker axis and sharded with ``P("workers")``, so the
+parameters enter ``jax.grad`` device-varying and the gradient is each worker's
+own (no hidden full-precision all-reduce, see DESIGN.md "the shard_map gradient
+trap"). Each worker draws its own mini-batch (the step key is folded with the
+worker index). Only the optimizer communicates, so the collectives in the
+compiled step are exactly the optimizer's; their bytes come from
+``optax_sign``'s ``communication_bytes`` when the installation has it.
+"""
+
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from optax_sign.bench import optimizers as opt_lib
+from optax_sign.bench import runner
+from optax_sign.bench import tasks as task_lib
+
+AXIS = opt_lib.AXIS
+
+
+def request_devices(n: int) -> None:
+  """Asks JAX for ``n`` CPU devices (only possible before JAX starts)."""
+  try:
+    if jax.config.jax_num_cpu_devices < n:
+      jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:
+    pass  # the backend is already up; make_mesh reports what is missing
+
+
+def make_mesh(n: int) -> jax.sharding.Mesh:
+  """A one-axis mesh of ``n`` CPU devices named ``workers``."""
+  devices = jax.devices("cpu")
+  if len(devices) < n:
+    raise ValueError(
+        f"--workers {n} needs {n} CPU devices but JAX has {len(devices)}; "
+        "start a fresh process (the CLI sets jax_num_cpu_devices before JAX "
+        "starts) or set XLA_FLAGS=--xla_force_host_platform_device_count="
+        f"{n}")
+  return jax.sharding.Mesh(np.array(devices[:n]), (AXIS,))
+
+
+def step_bytes(step: Callable, compiled, *args) -> Optional[float]:
+  """Bytes one worker sends in one call of ``step`` (None if not countable).
+
+  Uses optax_sign's HLO accounting: the already compiled text when the
+  parser is available (no second compilation), else
+  ``optax_sign.communication_bytes(step, *args)``.
+  """
+  import optax_sign  # pylint: disable=g-import-not-at-top
+  try:
+    from optax_sign import _wire  # pylint: disable=g-import-not-at-top
+    return float(_wire.parse_collectives(compiled.as_text()).total_bytes)
+  except (ImportError, AttributeError):
+    pass
+  count = getattr(optax_sign, "communication_bytes", None)
+  if count is None:
+    return None
+  return float(count(step, *args).total_bytes)
+
+
+def _anchor(state):
+  """The local-steps anchor in ``state`` (the model to evaluate), or None."""
+  import optax_sign  # pylint: disable=g-import-not-at-top
+  get = getattr(optax_sign, "local_steps_anchor", None)
+  if get is None:
+    return None
+  try:
+    return get(state)
+  except (KeyError, ValueError, TypeError):
+    return None
+
+
+def multi_worker_stepper(task: task_lib.Task, entry: opt_lib.Entry,
+                         context: opt_lib.Context,
+                         learning_rate: Optional[float],
+                         mesh: jax.sharding.Mesh) -> runner.Stepper:
+  """Compiles one step of N workers under ``shard_map``."""
+  n = mesh.shape[AXIS]
+  tx = opt_lib.build(entry, learning_rate, context)
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  stack = lambda tree: jax.tree.map(lambda x: x[None], tree)
+
+  def worker_init(params):
+    return stack(tx.init(first(params)))
+
+  def worker_step(params, state, data, key):
+    params, state = first(params), first(state)
+    key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+    batch = task.sample(data, key)
+    params, state, loss = runner.apply_step(task, entry, tx, params, state,
+                                            batch)
+    return stack(params), stack(state), loss[None]
+
+  worker = P(AXIS)
+  shard_init = jax.jit(jax.shard_map(worker_init, mesh=mesh, in_specs=worker,
+                                     out_specs=worker))
+  step = jax.jit(jax.shard_map(worker_step, mesh=mesh,
+                               in_specs=(worker, worker, P(), P()),
+                               out_specs=(worker, worker, worker)))
+  sharding = jax.sharding.NamedSharding(mesh, worker)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  data = jax.device_put(task.data, replicated)
+
+  def init():
+    params = jax.tree.map(
+        lambda x: jax.device_put(jnp.broadcast_to(x, (n,) + x.shape), sharding),
+        task.params)
+    return params, shard_init(params)
+
+  params, state = init()
+  key = jax.random.key(0)
+  start = time.perf_counter()
+  compiled = step.lower(params, state, data, key).compile()
+  seconds = time.perf_counter() - start
+  # The first call of an executable pays one-off costs: keep them out of the
+  # timed runs.
+  jax.block_until_ready(compiled(params, state, data, jax.random.key(0)))
+  per_step = step_bytes(step, compiled, params, state, data, key)
+  evaluate = jax.jit(task.eval_loss)
+
+  def evaluate_model(params, state):
+    anchor = _anchor(state)
+    model = first(params) if anchor is None else first(anchor)
+    return float(evaluate(model, task.data))
+
+  return runner.Stepper(
+      init, compiled, data, evaluate_model, seconds,
+      bytes_per_step=per_step, sync_every=entry.sync_every)

@@ -1,0 +1,201 @@
+"""Reports: the printed table, the JSON results and the PNG plots."""
+
+import dataclasses
+import json
+import math
+import os
+import platform
+from typing import Sequence
+
+import jax
+
+from optax_sign.bench import runner
+
+_COLUMNS = ("optimizer", "lr", "final loss", "best loss", "steps", "seconds",
+            "ms/step", "compile s", "tuning runs", "tuning s")
+
+
+@dataclasses.dataclass
+class Row:
+  """One line of the table: a run and the compute spent to choose it."""
+  label: str
+  run: runner.Run
+  tuning_runs: int = 1
+  tuning_steps: int = 0
+  tuning_seconds: float = 0.0
+
+  def __post_init__(self):
+    if not self.tuning_steps:
+      self.tuning_steps = self.run.num_steps
+      self.tuning_seconds = self.run.total_seconds
+
+
+@dataclasses.dataclass
+class Grid:
+  """A learning-rate grid of one baseline and its best run."""
+  optimizer: str
+  runs: list
+
+  @property
+  def best(self) -> runner.Run:
+    return min(self.runs, key=lambda r: (r.diverged, r.final_loss
+                                         if math.isfinite(r.final_loss)
+                                         else math.inf))
+
+  @property
+  def total_steps(self) -> int:
+    return sum(r.num_steps for r in self.runs)
+
+  @property
+  def total_seconds(self) -> float:
+    return sum(r.total_seconds for r in self.runs)
+
+  def row(self) -> Row:
+    return Row(f"{self.optimizer} (grid best)", self.best, len(self.runs),
+               self.total_steps, self.total_seconds)
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float) and not math.isfinite(value):
+    return "nan" if math.isnan(value) else "inf"
+  return format(value, spec)
+
+
+def table(rows: Sequence[Row], num_params: int,
+          multi_worker: bool = False) -> str:
+  """A plain-text table, one line per row."""
+  columns = list(_COLUMNS)
+  if multi_worker:
+    columns += ["B/step/worker", "B/param/step"]
+  lines = []
+  for row in rows:
+    run = row.run
+    ms = (1e3 * run.total_seconds / run.num_steps) if run.num_steps else None
+    cells = [row.label, _fmt(run.learning_rate, ".3g"),
+             _fmt(run.final_loss), _fmt(run.best_loss), str(run.num_steps),
+             _fmt(run.total_seconds, ".2f"), _fmt(ms, ".3f"),
+             _fmt(run.compile_seconds, ".2f"), str(row.tuning_runs),
+             _fmt(row.tuning_seconds, ".2f")]
+    if multi_worker:
+      per_step = None
+      if run.bytes_per_step is not None:
+        per_step = run.bytes_per_step / run.sync_every
+      cells += [_fmt(per_step, ".6g"),
+                _fmt(None if per_step is None else per_step / num_params,
+                     ".4g")]
+    lines.append(cells)
+  widths = [max(len(c), *(len(line[i]) for line in lines))
+            for i, c in enumerate(columns)]
+  out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+         "  ".join("-" * w for w in widths)]
+  out += ["  ".join(c.ljust(w) for c, w in zip(line, widths))
+          for line in lines]
+  return "\n".join(out)
+
+
+def grid_summary(grids: Sequence[Grid]) -> str:
+  lines = []
+  for g in grids:
+    pairs = ", ".join(f"{r.learning_rate:.3g}: {_fmt(r.final_loss)}"
+                      for r in g.runs)
+    lines.append(f"grid {g.optimizer}: final loss by lr {{{pairs}}}; best lr "
+                 f"{g.best.learning_rate:.3g}; total {len(g.runs)} runs, "
+                 f"{g.total_steps} steps, {g.total_seconds:.2f} s")
+  return "\n".join(lines)
+
+
+def machine() -> dict:
+  """Where the numbers came from."""
+  device = jax.devices()[0]
+  return {"platform": platform.platform(), "python": platform.python_version(),
+          "jax": jax.__version__, "backend": jax.default_backend(),
+          "device": getattr(device, "device_kind", str(device)),
+          "cpu_count": os.cpu_count()}
+
+
+def write_json(path: str, config: dict, results: dict) -> None:
+  payload = {"config": config, "machine": machine(), "results": results}
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(_finite(payload), f, indent=1)
+
+
+def _finite(obj):
+  """JSON has no NaN or inf: they become null."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  if isinstance(obj, runner.Run):
+    return _finite(dataclasses.asdict(obj))
+  return obj
+
+
+def plot(path: str, title: str, rows: Sequence[Row],
+         grids: Sequence[Grid] = (), multi_worker: bool = False) -> None:
+  """Loss against steps and wall time (and bytes, and the stepsize)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  has_bytes = multi_worker and any(r.run.bytes for r in rows)
+  has_size = any(r.run.stepsize for r in rows)
+  panels = ["step", "seconds"] + (["bytes"] * has_bytes) + (["stepsize"]
+                                                             * has_size)
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6),
+                           squeeze=False)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, row in enumerate(rows):
+    run, color = row.run, colors[i % len(colors)]
+    xs = {"step": run.steps, "seconds": run.seconds, "bytes": run.bytes}
+    for ax, panel in zip(axes[0], panels):
+      if panel == "stepsize":
+        if run.stepsize:
+          ax.semilogy(run.steps[:len(run.stepsize)], run.stepsize,
+                      label=row.label, color=color)
+        elif run.learning_rate is not None:
+          ax.axhline(run.learning_rate, color=color, ls=":", label=row.label)
+        continue
+      x = xs[panel]
+      if panel == "bytes" and not x:
+        continue
+      ax.plot(x, run.loss[:len(x)], label=row.label, color=color)
+  top = max((max(r.run.loss) for r in rows if r.run.loss), default=None)
+  for grid in grids:  # the other grid points, faint, on the step panel
+    for run in grid.runs:
+      if run is not grid.best:
+        axes[0][0].plot(run.steps, run.loss, color="gray", alpha=0.3, lw=0.8)
+  if grids and top is not None and math.isfinite(top):
+    axes[0][0].set_ylim(top=1.5 * top)  # diverged grid points stay off-scale
+  labels = {"step": "step", "seconds": "wall time (s, steps only)",
+            "bytes": "bytes sent per worker", "stepsize": "step"}
+  for ax, panel in zip(axes[0], panels):
+    ax.set_xlabel(labels[panel])
+    ax.set_ylabel("stepsize / learning rate" if panel == "stepsize" else "loss")
+    if panel != "stepsize":
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def to_dict(rows: Sequence[Row], grids: Sequence[Grid]) -> dict:
+  return {
+      "rows": [{"label": r.label, "tuning_runs": r.tuning_runs,
+                "tuning_steps": r.tuning_steps,
+                "tuning_seconds": r.tuning_seconds, "run": r.run}
+               for r in rows],
+      "grids": [{"optimizer": g.optimizer,
+                 "learning_rates": [r.learning_rate for r in g.runs],
+                 "best_learning_rate": g.best.learning_rate,
+                 "total_steps": g.total_steps,
+                 "total_seconds": g.total_seconds, "runs": g.runs}
+                for g in grids],
+  }
+

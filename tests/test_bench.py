@@ -1,0 +1,235 @@
+"""Tests of the benchmark CLI, run in-process at tiny sizes."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from optax_sign.bench import cli
+from optax_sign.bench import optimizers as opt_lib
+from optax_sign.bench import tasks
+
+from test_data import write_idx
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(capsys, tmp_path, *args):
+  """Runs the CLI in-process; returns (stdout, results.json as a dict)."""
+  out = tmp_path / "out"
+  code = cli.main(["--tiny", "--no-progress", "--out", str(out), *args])
+  assert code == 0
+  stdout = capsys.readouterr().out
+  with open(out / "results.json", encoding="utf-8") as f:
+    return stdout, json.load(f), out
+
+
+def assert_png(path):
+  with open(path, "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+
+
+def test_logreg_default_data_with_grid(capsys, tmp_path):
+  stdout, results, out = run_cli(
+      capsys, tmp_path, "--task", "logreg", "-o", "adamw",
+      "--grid", "sign_sgd", "--grid-points", "3", "--steps", "6")
+  assert "optimizer" in stdout and "final loss" in stdout  # the table header
+  assert "adamw" in stdout and "sign_sgd (grid best)" in stdout
+  assert "grid sign_sgd" in stdout and "total 3 runs, 18 steps" in stdout
+  res = results["results"]["logreg"]
+  grid = res["grids"][0]
+  assert grid["learning_rates"] == [1e-4, 1e-2, 1.0]
+  assert grid["total_steps"] == 18
+  finals = [r["loss"][-1] for r in grid["runs"]]
+  best = res["rows"][1]["run"]
+  assert best["loss"][-1] == min(finals)
+  assert best["learning_rate"] == grid["best_learning_rate"]
+  assert res["rows"][1]["tuning_runs"] == 3
+  adamw = res["rows"][0]["run"]
+  assert adamw["steps"][-1] == 6 and adamw["loss"][-1] < adamw["loss"][0]
+  assert adamw["seconds"] == sorted(adamw["seconds"])
+  assert results["config"]["task"] == ["logreg"]
+  assert_png(out / "logreg.png")
+
+
+def test_logreg_libsvm_file(capsys, tmp_path):
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(40):
+    label = 1 if i % 2 else 0
+    cols = sorted(rng.choice(np.arange(1, 51), 3, replace=False))
+    feats = " ".join(f"{c}:{(2 * label - 1) * (1 + rng.random()):.3f}"
+                     for c in cols)
+    lines.append(f"{label} {feats}")
+  path = tmp_path / "data.svm"
+  path.write_text("\n".join(lines) + "\n")
+  stdout, results, _ = run_cli(capsys, tmp_path, "--task", "logreg",
+                               "--data", str(path), "-o", "sign_sgd",
+                               "--grid", "--steps", "5")
+  assert "LIBSVM" in stdout and "d=50" in stdout
+  run = results["results"]["logreg"]["rows"][0]["run"]
+  assert run["loss"][0] == pytest.approx(np.log(2), rel=1e-5)
+  assert run["loss"][-1] < run["loss"][0]
+
+
+def test_mlp_idx_directory(capsys, tmp_path):
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 3, 64).astype(np.uint8)
+  images = (rng.random((64, 4, 4)) * 60 + labels[:, None, None] * 60)
+  write_idx(tmp_path / "train-images-idx3-ubyte.gz", images.astype(np.uint8),
+            compress=True)
+  write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels, compress=True)
+  stdout, results, out = run_cli(
+      capsys, tmp_path, "--task", "mlp", "--data", str(tmp_path),
+      "-o", "adamw", "--grid", "--steps", "4", "--batch-size", "16")
+  assert "classes=3" in stdout and "features=16" in stdout
+  run = results["results"]["mlp"]["rows"][0]["run"]
+  assert len(run["loss"]) == 5 and all(np.isfinite(run["loss"]))
+  assert_png(out / "mlp.png")
+
+
+def test_charlm_text_file(capsys, tmp_path):
+  path = tmp_path / "text.txt"
+  path.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+  stdout, results, out = run_cli(capsys, tmp_path, "--task", "charlm",
+                                 "--data", str(path), "-o", "sign_sgd",
+                                 "--grid", "--steps", "3")
+  assert "charlm" in stdout and "sign_sgd" in stdout
+  run = results["results"]["charlm"]["rows"][0]["run"]
+  assert run["steps"] == [0, 1, 2, 3]
+  assert run["loss"][-1] < run["loss"][0]
+  assert_png(out / "charlm.png")
+
+
+def test_alias_logs_its_stepsize(capsys, tmp_path):
+  if not opt_lib.lookup("alias").available:
+    pytest.skip("optax_sign.alias_sign_sgd is not available")
+  _, results, _ = run_cli(capsys, tmp_path, "--task", "logreg", "-o", "alias",
+                          "--grid", "--steps", "8")
+  run = results["results"]["logreg"]["rows"][0]["run"]
+  assert len(run["stepsize"]) == len(run["steps"])
+  assert run["stepsize"][-1] > run["stepsize"][1] > 0  # it adapts
+  assert run["loss"][-1] < run["loss"][0]
+
+
+def test_multi_worker_bytes(capsys, tmp_path):
+  vote = opt_lib.lookup("majority_vote").available
+  grid = ["--grid", "majority_vote", "--grid-points", "2"] if vote else []
+  stdout, results, out = run_cli(capsys, tmp_path, "--task", "logreg",
+                                 "--workers", "2", "-o", "dp_sign_sgd",
+                                 *grid, "--steps", "4")
+  assert "2 workers" in stdout and "B/param/step" in stdout
+  rows = {r["label"]: r["run"] for r in results["results"]["logreg"]["rows"]}
+  dense = rows["dp_sign_sgd"]
+  if dense["bytes_per_step"] is None:
+    pytest.skip("optax_sign.communication_bytes is not available")
+  # fp32 all-reduce of 31 parameters among 2 workers: 2(N-1)/N * 4 B each
+  # (communication_bytes leaves scalar operands out: the bias may not count).
+  per_step = dense["bytes_per_step"]
+  assert 4 * 30 <= per_step <= 4 * 31
+  assert dense["bytes"] == [per_step * s for s in dense["steps"]]
+  if vote:  # the grid of a multi-worker method reuses its sharded step
+    voted = rows["majority_vote (grid best)"]
+    assert 0 < voted["bytes_per_step"] < dense["bytes_per_step"]
+    assert voted["loss"][-1] < voted["loss"][0]
+  assert_png(out / "logreg.png")
+
+
+def test_local_steps_count_bytes_per_sync(capsys, tmp_path):
+  if not opt_lib.lookup("dsm_ls").available:
+    pytest.skip("optax_sign.dsm_ls is not available")
+  _, results, _ = run_cli(capsys, tmp_path, "--task", "logreg", "--workers",
+                          "2", "-o", "dsm_ls", "--steps", "16",
+                          "--log-every", "4")
+  run = results["results"]["logreg"]["rows"][0]["run"]
+  assert run["sync_every"] == opt_lib.LOCAL_SYNC_EVERY == 8
+  per_sync = run["bytes_per_step"]
+  assert 4 * 30 <= per_sync <= 4 * 31  # one fp32 all-reduce per round
+  assert run["bytes"] == [0, 0, per_sync, per_sync, 2 * per_sync]
+  assert run["loss"][-1] < run["loss"][0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "logreg", "--data", "/no/such/file.svm"], "does not exist"),
+    (["--task", "mlp", "--data", "/no/such/dir"], "does not exist"),
+    (["-o", "nosuchopt"], "unknown optimizer 'nosuchopt'"),
+    (["-o", "dp_adamw"], "multi-worker"),
+    (["--workers", "2", "-o", "adamw"], "single-worker"),
+    (["--grid", "prodigy"], "parameter-free"),
+    (["--task", "logreg", "mlp", "--data", "x"], "one task"),
+    (["--workers", "64", "-o", "dp_sgd"], "needs 64 CPU devices"),
+])
+def test_clear_errors(tmp_path, args, message):
+  with pytest.raises(SystemExit) as info:
+    cli.main(["--tiny", "--no-progress", "--out", str(tmp_path), *args])
+  assert message in str(info.value.code)
+  assert str(info.value.code).startswith("optax-sign-bench: error:")
+
+
+def test_malformed_libsvm_via_cli(tmp_path):
+  path = tmp_path / "bad.svm"
+  path.write_text("1 1:0.5\n-1 2:oops\n")
+  with pytest.raises(SystemExit) as info:
+    cli.main(["--tiny", "--no-progress", "--out", str(tmp_path), "--task",
+              "logreg", "--data", str(path), "-o", "sgd", "--grid"])
+  assert "line 2" in str(info.value.code)
+
+
+def test_list(capsys):
+  assert cli.main(["--list"]) == 0
+  listing = capsys.readouterr().out
+  for name in ("alias", "sign_sgd", "adamw", "prodigy", "dog", "mechanize",
+               "majority_vote", "dsm_ls"):
+    assert f"  {name} " in listing
+
+
+def test_unavailable_entries_are_skipped(monkeypatch):
+  ghost = opt_lib.Entry("ghost", "needs a missing function",
+                        lambda lr, ctx: None, requires=("no_such_function",))
+  monkeypatch.setitem(opt_lib.REGISTRY, "ghost", ghost)
+  usable, skipped = opt_lib.available(["ghost", "sgd"])
+  assert [e.name for e in usable] == ["sgd"]
+  assert "optax_sign.no_such_function is not available" in skipped[0]
+  with pytest.raises(ValueError, match="lacks"):
+    opt_lib.build(ghost, None, opt_lib.Context())
+
+
+def test_every_single_worker_entry_takes_a_step():
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  loss = lambda p: jnp.sum(jnp.square(p["w"]))
+  for entry in opt_lib.REGISTRY.values():
+    if entry.multi_worker or not entry.available:
+      continue
+    tx = opt_lib.build(entry, entry.default_lr, opt_lib.Context(steps=10))
+    state = tx.init(params)
+    p = params
+    for _ in range(3):
+      value, grads = jax.value_and_grad(loss)(p)
+      updates, state = tx.update(grads, state, p, value=value)
+      p = optax.apply_updates(p, updates)
+    assert float(loss(p)) < float(loss(params)), entry.name
+
+
+def test_grid_reuses_one_compiled_step():
+  entry = opt_lib.lookup("sign_sgd")
+  tx = opt_lib.build(entry, 1e-3, opt_lib.Context())
+  state = opt_lib.set_learning_rate(tx.init({"w": jnp.ones(2)}), 0.5)
+  updates, _ = tx.update({"w": jnp.array([1.0, -1.0])}, state)
+  np.testing.assert_allclose(updates["w"], [-0.5, 0.5])
+  assert opt_lib.log_grid(1e-4, 1.0, 5) == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+  with pytest.raises(ValueError, match="bad grid"):
+    opt_lib.log_grid(1.0, 0.1, 3)
+
+
+def test_tasks_share_a_functional_interface():
+  for name in ("logreg", "mlp"):  # charlm: see test_charlm_text_file
+    task = tasks.make_task(name, tiny=True)
+    batch = task.sample(task.data, jax.random.key(0))
+    value = task.loss(task.params, batch)
+    assert value.shape == () and np.isfinite(value)
+    assert task.num_params > 0
+  with pytest.raises(ValueError, match="unknown task"):
+    tasks.make_task("nope")

@@ -1,0 +1,100 @@
+"""Bytes on the wire, from the compiled HLO of the vote's transports."""
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import pytest
+
+import optax_sign
+from optax_sign import _communication
+from optax_sign import _wire
+
+
+def _mesh(n):
+  return jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
+
+
+def test_fp32_pmean_baseline():
+  d = 4096
+  f = jax.shard_map(lambda g: jax.lax.pmean(g[0], "x"), mesh=_mesh(8),
+                    in_specs=P("x"), out_specs=P())
+  report = optax_sign.communication_bytes(
+      f, jax.ShapeDtypeStruct((8, d), jnp.float32))
+  [coll] = report.collectives
+  assert (coll.op, coll.dtype, coll.group_size, coll.elements) == (
+      "all-reduce", "f32", 8, d)
+  assert report.total_bytes / d == pytest.approx(8 * 7 / 8)
+
+
+def _shard_map_vote(n, d, tie, transport):
+  f = jax.shard_map(
+      lambda g: optax_sign.vote_signs(g[0], "x", tie=tie, transport=transport),
+      mesh=_mesh(n), in_specs=P("x"), out_specs=P())
+  return f, jax.ShapeDtypeStruct((n, d), jnp.float32)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("tie", ["zero", "positive"])
+def test_bytes_per_parameter_match_formulas(n, tie):
+  d = 8192
+  c = 2 if tie == "zero" else 1
+  formulas = {"psum": 2 * (n - 1) / n,
+              "allgather": c * (n - 1) / 8,
+              "alltoall": 2 * c * (n - 1) / (8 * n)}
+  for transport, expected in formulas.items():
+    report = optax_sign.communication_bytes(*_shard_map_vote(n, d, tie,
+                                                             transport))
+    assert report.total_bytes / d == pytest.approx(expected)
+    assert report.total_bytes == optax_sign.vote_bytes(transport, n, d, tie)
+    for coll in report.collectives:  # integers only; nothing gradient-sized
+      assert coll.dtype in ("s8", "u8"), coll
+  auto = optax_sign.communication_bytes(*_shard_map_vote(n, d, tie, "auto"))
+  assert auto.total_bytes / d == pytest.approx(min(formulas.values()))
+
+
+def test_two_valued_alltoall_is_at_most_a_quarter_byte_at_8_workers():
+  d = 100_000  # not a multiple of 8N: padding included
+  report = optax_sign.communication_bytes(
+      *_shard_map_vote(8, d, "positive", "alltoall"))
+  assert [c.op for c in report.collectives] == ["all-to-all", "all-gather"]
+  assert report.total_bytes / d <= 0.25
+
+
+def test_auto_choice_and_its_tie_break():
+  # N = 2: allgather and alltoall cost the same; the single collective wins.
+  choose = _communication.choose_transport
+  assert choose("auto", 2, 1024, "positive") == "allgather"
+  assert choose("auto", 8, 1024, "zero") == "alltoall"
+  assert choose("auto", 64, 1024, "zero", ("auto", "psum", "allgather")) == (
+      "psum")
+
+
+def test_wire_parser_on_async_and_iota_groups():
+  text = "\n".join([
+      "  %ars = f32[1000]{0} all-reduce-start(f32[1000]{0} %p), "
+      "replica_groups=[1,4]<=[4], to_apply=%add",
+      "  %ard = f32[1000]{0} all-reduce-done(f32[1000]{0} %ars)",
+      "  %ags = (u8[16]{0}, u8[64]{0}) all-gather-start(u8[16]{0} %q), "
+      "replica_groups={{0,1,2,3}}, dimensions={0}",
+      "  %agd = u8[64]{0} all-gather-done((u8[16]{0}, u8[64]{0}) %ags)",
+      "  %cp = f32[10]{0} collective-permute(f32[10]{0} %r), "
+      "source_target_pairs={{0,1},{1,0}}",
+  ])
+  report = _wire.parse_collectives(text)
+  assert [c.op for c in report.collectives] == [
+      "all-reduce", "all-gather", "collective-permute"]
+  assert report.collectives[0].bytes_sent == pytest.approx(1.5 * 4000)
+  assert report.collectives[1].bytes_sent == 3 * 16
+  assert report.collectives[1].elements == 16
+  assert report.total_bytes == pytest.approx(6000 + 48 + 40)
+
+
+def test_wire_benchmark_table_agrees_with_formulas():
+  from optax_sign.bench import wire  # pylint: disable=g-import-not-at-top
+  rows = wire.measure([2, 8], 4096)
+  assert len(rows) == 2 * (1 + 2 * 4)
+  for row in rows:
+    assert row["hlo"] == pytest.approx(row["formula"]), row
+  table = wire.format_table(rows)
+  assert "auto (alltoall)" in table and "fp32 pmean" in table
