@@ -53,6 +53,27 @@ def test_logreg_default_data_with_grid(capsys, tmp_path):
   assert adamw["seconds"] == sorted(adamw["seconds"])
   assert results["config"]["task"] == ["logreg"]
   assert_png(out / "logreg.png")
+  # Held-out metrics: columns, a footer on grid selection, JSON curves.
+  assert "test loss" in stdout and "test acc" in stdout
+  assert "lowest final training loss" in stdout
+  assert "grid sign_sgd: test acc by lr {" in stdout
+  assert grid["best_by"] == "final training loss"
+  for run in [adamw] + grid["runs"]:
+    assert set(run["metrics"]) == {"test_loss", "test_accuracy"}
+    for values in run["metrics"].values():
+      assert len(values) == len(run["steps"])
+    assert all(0.0 <= a <= 1.0 for a in run["metrics"]["test_accuracy"])
+  assert res["rows"][1]["final_metrics"] == {
+      k: v[-1] for k, v in best["metrics"].items()}
+  # Trained for 6 steps, the tuned run beats the majority class on held-out
+  # rows it never saw; at the zero initial point it predicts all negative.
+  held_y = np.asarray(tasks.make_task("logreg", tiny=True).heldout["y"])
+  majority = max(np.mean(held_y > 0), np.mean(held_y < 0))
+  assert best["metrics"]["test_accuracy"][0] == pytest.approx(
+      np.mean(held_y < 0))
+  assert best["metrics"]["test_accuracy"][-1] > majority + 0.1
+  assert best["metrics"]["test_loss"][0] == pytest.approx(np.log(2), rel=1e-5)
+  assert best["metrics"]["test_loss"][-1] < np.log(2)
 
 
 def test_logreg_libsvm_file(capsys, tmp_path):
@@ -73,21 +94,30 @@ def test_logreg_libsvm_file(capsys, tmp_path):
   run = results["results"]["logreg"]["rows"][0]["run"]
   assert run["loss"][0] == pytest.approx(np.log(2), rel=1e-5)
   assert run["loss"][-1] < run["loss"][0]
+  assert "n=32 (+8 held out, stratified 20%)" in stdout
+  assert run["metrics"]["test_accuracy"][-1] == 1.0  # separable by sign
 
 
-def test_mlp_idx_directory(capsys, tmp_path):
+@pytest.mark.parametrize("test_files", [False, True])
+def test_mlp_idx_directory(capsys, tmp_path, test_files):
   rng = np.random.default_rng(1)
-  labels = rng.integers(0, 3, 64).astype(np.uint8)
-  images = (rng.random((64, 4, 4)) * 60 + labels[:, None, None] * 60)
-  write_idx(tmp_path / "train-images-idx3-ubyte.gz", images.astype(np.uint8),
-            compress=True)
-  write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels, compress=True)
+  for prefix, n in (("train", 64), ("t10k", 24))[:1 + test_files]:
+    labels = rng.integers(0, 3, n).astype(np.uint8)
+    images = (rng.random((n, 4, 4)) * 60 + labels[:, None, None] * 60)
+    write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz",
+              images.astype(np.uint8), compress=True)
+    write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels,
+              compress=True)
   stdout, results, out = run_cli(
       capsys, tmp_path, "--task", "mlp", "--data", str(tmp_path),
       "-o", "adamw", "--grid", "--steps", "4", "--batch-size", "16")
   assert "classes=3" in stdout and "features=16" in stdout
+  assert ("n=64 (+24 held out, t10k files)" if test_files
+          else "n=52 (+12 held out, stratified 20%)") in stdout
   run = results["results"]["mlp"]["rows"][0]["run"]
   assert len(run["loss"]) == 5 and all(np.isfinite(run["loss"]))
+  assert 0.0 <= run["metrics"]["test_accuracy"][-1] <= 1.0
+  assert np.isfinite(run["metrics"]["test_loss"][-1])
   assert_png(out / "mlp.png")
 
 
@@ -101,6 +131,11 @@ def test_charlm_text_file(capsys, tmp_path):
   run = results["results"]["charlm"]["rows"][0]["run"]
   assert run["steps"] == [0, 1, 2, 3]
   assert run["loss"][-1] < run["loss"][0]
+  assert "val loss" in stdout and "test acc" not in stdout
+  assert "1620 chars (+180 held out, the last 10%)" in stdout
+  assert list(run["metrics"]) == ["val_loss"]
+  assert len(run["metrics"]["val_loss"]) == 4
+  assert run["metrics"]["val_loss"][-1] < run["metrics"]["val_loss"][0]
   assert_png(out / "charlm.png")
 
 
@@ -128,6 +163,7 @@ def test_multi_worker_bytes(capsys, tmp_path):
     pytest.skip("optax_sign.communication_bytes is not available")
   # fp32 all-reduce of 31 parameters among 2 workers: 2(N-1)/N * 4 B each
   # (communication_bytes leaves scalar operands out: the bias may not count).
+  assert 0.0 <= dense["metrics"]["test_accuracy"][-1] <= 1.0  # held out too
   per_step = dense["bytes_per_step"]
   assert 4 * 30 <= per_step <= 4 * 31
   assert dense["bytes"] == [per_step * s for s in dense["steps"]]
@@ -231,5 +267,48 @@ def test_tasks_share_a_functional_interface():
     value = task.loss(task.params, batch)
     assert value.shape == () and np.isfinite(value)
     assert task.num_params > 0
+    metrics = task.eval_metrics(task.params, task.heldout)
+    assert set(metrics) == {"test_loss", "test_accuracy"}
+    assert 0.0 <= float(metrics["test_accuracy"]) <= 1.0
+    assert (task.data["x"].shape[0], task.heldout["x"].shape[0]) == (
+        tasks.TINY_ROWS[name])
   with pytest.raises(ValueError, match="unknown task"):
     tasks.make_task("nope")
+
+
+@pytest.mark.parametrize("name, rows", [("logreg", 569), ("mlp", 1797)])
+def test_held_out_rows_are_disjoint(name, rows):
+  task = tasks.make_task(name)  # full size (the default data has no twins)
+  train, held = (np.asarray(d["x"]) for d in (task.data, task.heldout))
+  assert train.shape[0] + held.shape[0] == rows
+  classes = len(np.unique(np.asarray(task.data["y"])))
+  assert abs(held.shape[0] - tasks.HOLDOUT * rows) <= classes  # per-class
+  seen = {r.tobytes() for r in train}
+  assert not any(r.tobytes() in seen for r in held)
+  # Stratified: the class balance of both sides matches.
+  counts = [np.unique(np.asarray(d["y"]), return_counts=True)[1] / len(d["y"])
+            for d in (task.data, task.heldout)]
+  np.testing.assert_allclose(counts[0], counts[1], atol=0.02)
+
+
+def test_charlm_holds_out_the_end_of_the_text(tmp_path):
+  path = tmp_path / "text.txt"
+  text = "".join(chr(ord("a") + i % 26) for i in range(1170)) + "XYZ" * 43 + "X"
+  path.write_text(text)
+  task = tasks.charlm(str(path), batch_size=4, context=8, width=8, depth=1,
+                      heads=1)
+  train, held = np.asarray(task.data["ids"]), np.asarray(task.heldout["ids"])
+  assert (train.size, held.size) == (1170, 130)
+  vocab = sorted(set(text))
+  np.testing.assert_array_equal(held, [vocab.index(c) for c in text[1170:]])
+  # No training window reaches into the held-out tail (its letters).
+  batch = jax.jit(jax.vmap(task.sample, in_axes=(None, 0)))(
+      task.data, jax.random.split(jax.random.key(0), 64))
+  assert batch.shape[-1] == 9
+  assert not np.isin(np.asarray(batch), [vocab.index(c) for c in "XYZ"]).any()
+  starts = np.asarray(task.heldout["eval_starts"])
+  assert starts.min() == 0 and starts.max() == held.size - 9
+  value = jax.jit(task.eval_metrics)(task.params, task.heldout)["val_loss"]
+  assert np.isfinite(value)
+  with pytest.raises(tasks.data_lib.DataError, match="held out"):
+    tasks.charlm(str(path), context=200, holdout=0.1)

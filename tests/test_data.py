@@ -140,6 +140,74 @@ class TestIdx:
       data.mnist_like(str(tmp_path))
 
 
+class TestHeldOut:
+
+  def test_split_is_disjoint_stratified_and_deterministic(self):
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    train, test = data.split_indices(100, 0.2, seed=3, labels=labels)
+    assert np.intersect1d(train, test).size == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])),
+                                  np.arange(100))
+    np.testing.assert_array_equal(np.bincount(labels[test]), [10, 6, 4])
+    again = data.split_indices(100, 0.2, seed=3, labels=labels)
+    np.testing.assert_array_equal(again[1], test)
+    other = data.split_indices(100, 0.2, seed=4, labels=labels)
+    assert set(other[1]) != set(test)
+    # Unstratified; a class of two rows still lands on both sides.
+    train, test = data.split_indices(10, 0.25)
+    assert (train.size, test.size) == (8, 2)
+    _, test = data.split_indices(12, 0.1, labels=np.array([0] * 10 + [1] * 2))
+    assert set(np.array([0] * 10 + [1] * 2)[test]) == {0, 1}
+
+  def test_split_errors(self):
+    with pytest.raises(ValueError, match="holdout must be in"):
+      data.split_indices(10, 1.0)
+    with pytest.raises(ValueError, match="3 entries for 10 rows"):
+      data.split_indices(10, 0.2, labels=np.zeros(3))
+    with pytest.raises(data.DataError, match="one row on each side"):
+      data.split_indices(1, 0.5)
+
+  def test_standardize_uses_training_statistics(self):
+    train = np.array([[0.0, 5.0], [2.0, 5.0]], np.float32)
+    test = np.array([[4.0, 6.0]], np.float32)
+    train_s, test_s = data.standardize(train, test)
+    np.testing.assert_allclose(train_s, [[-1, 0], [1, 0]])
+    np.testing.assert_allclose(test_s, [[3, 1]])  # constant column: std 1
+
+  def test_t10k_files_are_the_test_split(self, tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 6), ("t10k", 3)):
+      write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz",
+                rng.integers(0, 256, (n, 2, 2)), compress=True)
+      write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz",
+                np.arange(n) % 2, compress=True)
+    (x, y), (x_test, y_test) = data.mnist_like_splits(str(tmp_path))
+    assert x.shape == (6, 4) and x_test.shape == (3, 4)
+    np.testing.assert_array_equal(y_test, [0, 1, 0])
+    images = str(tmp_path / "train-images-idx3-ubyte.gz")
+    assert data.idx_test_files(images) == (
+        str(tmp_path / "t10k-images-idx3-ubyte.gz"),
+        str(tmp_path / "t10k-labels-idx1-ubyte.gz"))
+    _, test = data.mnist_like_splits(images)
+    np.testing.assert_array_equal(test[0], x_test)
+
+  def test_no_test_files(self, tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 2, 2)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros((3,)))
+    # The only files are read as training data, never also as test data.
+    (x, _), test = data.mnist_like_splits(str(tmp_path))
+    assert x.shape == (3, 4) and test is None
+    assert data.idx_test_files(str(tmp_path / "x-images-idx3-ubyte")) is None
+
+  def test_test_files_of_another_shape(self, tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((3, 2, 2)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros((3,)))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 3, 3)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros((2,)))
+    with pytest.raises(data.DataError, match="9 features per image"):
+      data.mnist_like_splits(str(tmp_path))
+
+
 class TestTextAndPaths:
 
   def test_text_file(self, tmp_path):

@@ -11,6 +11,10 @@ Nothing here downloads anything.
   them in ``/usr/share/datasets/fashion-mnist``.
 * Any UTF-8 text file for ``charlm``; the default is the English help text in
   the standard library's ``pydoc_data.topics``.
+
+Held-out data: :func:`split_indices` makes the deterministic (stratified)
+train/held-out split of the classification tasks, and :func:`mnist_like_splits`
+uses an idx directory's ``t10k-*`` test files when they are present.
 """
 
 import dataclasses
@@ -159,14 +163,85 @@ def parse_libsvm(path: str, num_features: Optional[int] = None):
   return SparseRows(index, value, num_features), y
 
 
-def breast_cancer():
-  """scikit-learn's bundled breast-cancer data, standardized, labels {-1,+1}."""
+def breast_cancer(standardize: bool = True):
+  """scikit-learn's bundled breast-cancer data, labels {-1,+1}.
+
+  Args:
+    standardize: scale every feature to mean 0 and variance 1 over all rows;
+      ``False`` returns the raw features (float32), e.g. to standardize with
+      the statistics of a training split only (:func:`standardize`).
+  """
   from sklearn.datasets import load_breast_cancer  # pylint: disable=g-import-not-at-top
   data = load_breast_cancer()
   x = data.data.astype(np.float64)
-  x = (x - x.mean(0)) / x.std(0)
+  if standardize:
+    x = (x - x.mean(0)) / x.std(0)
   y = np.where(data.target > 0, 1.0, -1.0)
   return x.astype(np.float32), y.astype(np.float32)
+
+
+def standardize(train: np.ndarray, *others: np.ndarray):
+  """Features scaled by the mean and deviation of ``train``.
+
+  Returns:
+    A tuple: ``train`` and each of ``others``, standardized with the
+    statistics of ``train`` alone (float32), so held-out rows leak nothing.
+  """
+  mean = train.mean(0, dtype=np.float64)
+  std = train.std(0, dtype=np.float64)
+  std = np.where(std > 0, std, 1.0)
+  return tuple(((a - mean) / std).astype(np.float32) for a in (train, *others))
+
+
+# ------------------------------------------------------------ held out ---
+
+
+def split_indices(n: int, holdout: float, seed: int = 0,
+                  labels: Optional[np.ndarray] = None):
+  """A deterministic split of ``n`` rows into disjoint train and held-out rows.
+
+  With ``labels`` the split is stratified: each class contributes
+  ``round(holdout * count)`` rows to the held-out side, and a class with at
+  least two rows has at least one row on each side. Both index arrays come
+  in a seeded random order (so a prefix is a random subset).
+
+  Args:
+    n: number of rows.
+    holdout: fraction of rows held out, in (0, 1).
+    seed: seed of the shuffle; the same seed gives the same split.
+    labels: optional [n] class labels to stratify by.
+
+  Returns:
+    ``(train, heldout)``: int64 index arrays, disjoint, covering ``range(n)``.
+
+  Raises:
+    ValueError: on a fraction outside (0, 1) or labels of the wrong length.
+    DataError: when one side would be empty (too few rows).
+  """
+  if not 0.0 < holdout < 1.0:
+    raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+  if labels is not None and len(labels) != n:
+    raise ValueError(f"labels has {len(labels)} entries for {n} rows")
+  rng = np.random.default_rng(seed)
+  if labels is None:
+    groups = [np.arange(n)]
+  else:
+    labels = np.asarray(labels)
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+  train, heldout = [], []
+  for group in groups:
+    group = rng.permutation(group)
+    k = int(round(holdout * group.size))
+    if group.size >= 2:
+      k = min(max(k, 1), group.size - 1)
+    heldout.append(group[:k])
+    train.append(group[k:])
+  train = rng.permutation(np.concatenate(train)).astype(np.int64)
+  heldout = rng.permutation(np.concatenate(heldout)).astype(np.int64)
+  if train.size == 0 or heldout.size == 0:
+    raise DataError(f"cannot hold out {holdout:g} of {n} rows: need at least "
+                    "one row on each side")
+  return train, heldout
 
 
 # -------------------------------------------------------------------- idx ---
@@ -206,6 +281,9 @@ def parse_idx(path: str) -> np.ndarray:
   return np.frombuffer(raw, dtype, offset=header).reshape(dims)
 
 
+_TEST_PREFIXES = ("t10k", "test")
+
+
 def _find_idx_pair(path: str):
   """(images, labels) paths from a directory or an images file."""
   if not os.path.exists(path):
@@ -227,6 +305,45 @@ def _find_idx_pair(path: str):
   return images, labels
 
 
+def idx_test_files(path: str):
+  """The (images, labels) test files next to training idx data, or None.
+
+  For a directory: its ``t10k-*`` (or ``test-*``) images and labels files.
+  For a ``train-*-images-idx3-ubyte[.gz]`` file: the same name with
+  ``train`` replaced by ``t10k`` (or ``test``), when both files exist.
+  """
+  if os.path.isdir(path):
+    names = sorted(os.listdir(path))
+    def pick(kind):
+      found = [n for n in names if kind in n and "ubyte" in n
+               and n.startswith(_TEST_PREFIXES)]
+      return os.path.join(path, found[0]) if found else None
+    images, labels = pick("images-idx3"), pick("labels-idx1")
+    return (images, labels) if images and labels else None
+  folder, name = os.path.split(path)
+  if not name.startswith("train") or "images-idx3" not in name:
+    return None
+  for prefix in _TEST_PREFIXES:
+    images = os.path.join(folder, prefix + name[len("train"):])
+    labels = images.replace("images-idx3", "labels-idx1")
+    if os.path.isfile(images) and os.path.isfile(labels):
+      return images, labels
+  return None
+
+
+def _read_idx_pair(images_path: str, labels_path: str):
+  """(x, y) from an images file and its labels file."""
+  images = parse_idx(images_path)
+  labels = parse_idx(labels_path)
+  if labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+    raise DataError(f"{images_path!r} has {images.shape[0]} images but "
+                    f"{labels_path!r} has shape {labels.shape}")
+  x = images.reshape(images.shape[0], -1).astype(np.float32)
+  if images.dtype == np.uint8:
+    x /= 255.0
+  return x, labels.astype(np.int32)
+
+
 def mnist_like(path: str):
   """Images and labels from MNIST-format idx files.
 
@@ -239,16 +356,34 @@ def mnist_like(path: str):
   Returns:
     ``(x, y)``: float32 [n, features] scaled to [0, 1] and int32 labels.
   """
-  images_path, labels_path = _find_idx_pair(path)
-  images = parse_idx(images_path)
-  labels = parse_idx(labels_path)
-  if labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-    raise DataError(f"{images_path!r} has {images.shape[0]} images but "
-                    f"{labels_path!r} has shape {labels.shape}")
-  x = images.reshape(images.shape[0], -1).astype(np.float32)
-  if images.dtype == np.uint8:
-    x /= 255.0
-  return x, labels.astype(np.int32)
+  return _read_idx_pair(*_find_idx_pair(path))
+
+
+def mnist_like_splits(path: str):
+  """Training data and, when present, the separate test files.
+
+  Args:
+    path: as for :func:`mnist_like`.
+
+  Returns:
+    ``((x, y), test)``: the training images and labels, and ``(x, y)`` of the
+    test files found by :func:`idx_test_files` (None when there are none, or
+    when they are the files already read as training data).
+
+  Raises:
+    DataError: as :func:`mnist_like`, for either pair; also when the test
+      images do not have the training images' number of features.
+  """
+  train_files = _find_idx_pair(path)
+  train = _read_idx_pair(*train_files)
+  test_files = idx_test_files(path)
+  if test_files is None or test_files == train_files:
+    return train, None
+  test = _read_idx_pair(*test_files)
+  if test[0].shape[1] != train[0].shape[1]:
+    raise DataError(f"{test_files[0]!r} has {test[0].shape[1]} features per "
+                    f"image but {train_files[0]!r} has {train[0].shape[1]}")
+  return train, test
 
 
 def digits():

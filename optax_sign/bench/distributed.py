@@ -124,12 +124,15 @@ def multi_worker_stepper(task: task_lib.Task, entry: opt_lib.Entry,
   jax.block_until_ready(compiled(params, state, data, jax.random.key(0)))
   per_step = step_bytes(step, compiled, params, state, data, key)
   evaluate = jax.jit(task.eval_loss)
+  held_out = runner.held_out_metrics(task)
 
-  def evaluate_model(params, state):
+  def model(params, state):
     anchor = _anchor(state)
-    model = first(params) if anchor is None else first(anchor)
-    return float(evaluate(model, task.data))
+    return first(params) if anchor is None else first(anchor)
 
   return runner.Stepper(
-      init, compiled, data, evaluate_model, seconds,
-      bytes_per_step=per_step, sync_every=entry.sync_every)
+      init, compiled, data,
+      lambda p, s: float(evaluate(model(p, s), task.data)), seconds,
+      bytes_per_step=per_step, sync_every=entry.sync_every,
+      metrics=None if held_out is None
+      else lambda p, s: held_out(model(p, s)))

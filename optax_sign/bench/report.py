@@ -1,4 +1,11 @@
-"""Reports: the printed table, the JSON results and the PNG plots."""
+"""Reports: the printed table, the JSON results and the PNG plots.
+
+The table shows the training objective (``final loss``, ``best loss``) and,
+side by side, the task's held-out metrics at the end of the run (``test
+loss``, ``test acc``, ``val loss``). A grid's best run is the one with the
+lowest final *training* loss (:data:`GRID_SELECTION`): the held-out data is
+never used to tune, so its metrics stay honest estimates for every row.
+"""
 
 import dataclasses
 import json
@@ -13,6 +20,29 @@ from optax_sign.bench import runner
 
 _COLUMNS = ("optimizer", "lr", "final loss", "best loss", "steps", "seconds",
             "ms/step", "compile s", "tuning runs", "tuning s")
+# Printed names of the held-out metrics (others print with spaces for "_").
+_METRIC_LABELS = {"test_loss": "test loss", "test_accuracy": "test acc",
+                  "val_loss": "val loss"}
+GRID_SELECTION = "final training loss"
+
+
+def metric_label(name: str) -> str:
+  return _METRIC_LABELS.get(name, name.replace("_", " "))
+
+
+def _fmt_metric(name: str, value) -> str:
+  """Accuracies as percentages, other metrics like losses."""
+  if value is not None and name.endswith("accuracy") and math.isfinite(value):
+    return f"{100 * value:.2f}%"
+  return _fmt(value)
+
+
+def _metric_names(runs) -> list:
+  """Held-out metric names: the known ones in table order, then the others."""
+  names = {k for run in runs for k in run.metrics}
+  order = list(_METRIC_LABELS)
+  return sorted(names, key=lambda k: (order.index(k) if k in order
+                                      else len(order), k))
 
 
 @dataclasses.dataclass
@@ -65,8 +95,14 @@ def _fmt(value, spec: str = ".4g") -> str:
 
 def table(rows: Sequence[Row], num_params: int,
           multi_worker: bool = False) -> str:
-  """A plain-text table, one line per row."""
+  """A plain-text table, one line per row.
+
+  Held-out metric columns follow ``best loss``; when a row is a grid's best,
+  a footer says how it was chosen.
+  """
+  metrics = _metric_names(row.run for row in rows)
   columns = list(_COLUMNS)
+  columns[4:4] = [metric_label(m) for m in metrics]
   if multi_worker:
     columns += ["B/step/worker", "B/param/step"]
   lines = []
@@ -78,6 +114,8 @@ def table(rows: Sequence[Row], num_params: int,
              _fmt(run.total_seconds, ".2f"), _fmt(ms, ".3f"),
              _fmt(run.compile_seconds, ".2f"), str(row.tuning_runs),
              _fmt(row.tuning_seconds, ".2f")]
+    final = run.final_metrics
+    cells[4:4] = [_fmt_metric(m, final.get(m)) for m in metrics]
     if multi_worker:
       per_step = None
       if run.bytes_per_step is not None:
@@ -92,6 +130,10 @@ def table(rows: Sequence[Row], num_params: int,
          "  ".join("-" * w for w in widths)]
   out += ["  ".join(c.ljust(w) for c, w in zip(line, widths))
           for line in lines]
+  if any(row.tuning_runs > 1 for row in rows):
+    out.append(f"(grid best = the grid point with the lowest {GRID_SELECTION}"
+               + ("; held-out metrics are not used to tune" if metrics else "")
+               + "; tuning runs/s count the whole grid)")
   return "\n".join(out)
 
 
@@ -103,6 +145,11 @@ def grid_summary(grids: Sequence[Grid]) -> str:
     lines.append(f"grid {g.optimizer}: final loss by lr {{{pairs}}}; best lr "
                  f"{g.best.learning_rate:.3g}; total {len(g.runs)} runs, "
                  f"{g.total_steps} steps, {g.total_seconds:.2f} s")
+    for m in _metric_names(g.runs):
+      pairs = ", ".join(
+          f"{r.learning_rate:.3g}: {_fmt_metric(m, r.final_metrics.get(m))}"
+          for r in g.runs)
+      lines.append(f"grid {g.optimizer}: {metric_label(m)} by lr {{{pairs}}}")
   return "\n".join(lines)
 
 
@@ -168,8 +215,6 @@ def plot(path: str, title: str, rows: Sequence[Row],
     for run in grid.runs:
       if run is not grid.best:
         axes[0][0].plot(run.steps, run.loss, color="gray", alpha=0.3, lw=0.8)
-  if grids and top is not None and math.isfinite(top):
-    axes[0][0].set_ylim(top=1.5 * top)  # diverged grid points stay off-scale
   labels = {"step": "step", "seconds": "wall time (s, steps only)",
             "bytes": "bytes sent per worker", "stepsize": "step"}
   for ax, panel in zip(axes[0], panels):
@@ -178,6 +223,10 @@ def plot(path: str, title: str, rows: Sequence[Row],
     if panel != "stepsize":
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
+  lows = [min(r.run.loss) for r in rows if r.run.loss]
+  if grids and top is not None and math.isfinite(top) and min(lows) > 0:
+    # Diverged grid points stay off-scale; limits set after the log scale.
+    axes[0][0].set_ylim(bottom=0.8 * min(lows), top=1.5 * top)
   axes[0][0].legend(fontsize=7)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
@@ -189,10 +238,13 @@ def to_dict(rows: Sequence[Row], grids: Sequence[Grid]) -> dict:
   return {
       "rows": [{"label": r.label, "tuning_runs": r.tuning_runs,
                 "tuning_steps": r.tuning_steps,
-                "tuning_seconds": r.tuning_seconds, "run": r.run}
+                "tuning_seconds": r.tuning_seconds,
+                "final_loss": r.run.final_loss,
+                "final_metrics": r.run.final_metrics, "run": r.run}
                for r in rows],
       "grids": [{"optimizer": g.optimizer,
                  "learning_rates": [r.learning_rate for r in g.runs],
+                 "best_by": GRID_SELECTION,
                  "best_learning_rate": g.best.learning_rate,
                  "total_steps": g.total_steps,
                  "total_seconds": g.total_seconds, "runs": g.runs}

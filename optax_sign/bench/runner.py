@@ -4,7 +4,9 @@ A :class:`Stepper` holds the compiled step and knows how to make a fresh
 state; :func:`train` runs it for a number of steps with a progress bar and
 records the objective, the wall time of the steps (compilation and
 evaluation excluded), the stepsize when the optimizer state has a
-``stepsize`` field, and the cumulative bytes on the wire for multi-worker runs.
+``stepsize`` field, the cumulative bytes on the wire for multi-worker runs,
+and the task's held-out metrics (``test_loss``, ``test_accuracy``,
+``val_loss``) at the same points.
 """
 
 import dataclasses
@@ -32,6 +34,8 @@ class Run:
   seconds: list = dataclasses.field(default_factory=list)
   stepsize: list = dataclasses.field(default_factory=list)
   bytes: list = dataclasses.field(default_factory=list)
+  # Held-out metrics by name (e.g. "test_accuracy"), one value per step.
+  metrics: dict = dataclasses.field(default_factory=dict)
   compile_seconds: float = 0.0
   bytes_per_step: Optional[float] = None  # per synchronising step
   sync_every: int = 1
@@ -45,6 +49,11 @@ class Run:
   def best_loss(self) -> float:
     finite = [v for v in self.loss if math.isfinite(v)]
     return min(finite) if finite else math.inf
+
+  @property
+  def final_metrics(self) -> dict:
+    """The held-out metrics at the last recorded step (empty if none)."""
+    return {k: v[-1] for k, v in self.metrics.items() if v}
 
   @property
   def total_seconds(self) -> float:
@@ -69,6 +78,9 @@ class Stepper:
     bytes_per_step: bytes sent per worker by one step (None if unknown or
       single-worker); for local-steps methods, by one synchronising step.
     sync_every: steps between communications.
+    metrics: ``metrics(params, state) -> {name: float}``: the task's
+      held-out metrics at the same model as ``evaluate`` (None: no held-out
+      data).
   """
   init: Callable[[], Any]
   step: Callable[..., Any]
@@ -77,6 +89,20 @@ class Stepper:
   compile_seconds: float
   bytes_per_step: Optional[float] = None
   sync_every: int = 1
+  metrics: Optional[Callable[[Any, Any], dict]] = None
+
+
+def held_out_metrics(task: task_lib.Task) -> Optional[Callable[[Any], dict]]:
+  """``metrics(params) -> {name: float}`` on the task's held-out data.
+
+  One compiled function for all metrics; None when the task holds nothing
+  out.
+  """
+  if task.eval_metrics is None or task.heldout is None:
+    return None
+  compiled = jax.jit(task.eval_metrics)
+  return lambda params: {k: float(v)
+                         for k, v in compiled(params, task.heldout).items()}
 
 
 def _stepsize(state) -> Optional[float]:
@@ -130,8 +156,10 @@ def single_worker_stepper(task: task_lib.Task, entry: opt_lib.Entry,
   # timed runs.
   jax.block_until_ready(compiled(params, state, task.data, jax.random.key(0)))
   evaluate = jax.jit(task.eval_loss)
+  held_out = held_out_metrics(task)
   return Stepper(init, compiled, task.data,
-                 lambda p, s: float(evaluate(p, task.data)), seconds)
+                 lambda p, s: float(evaluate(p, task.data)), seconds,
+                 metrics=None if held_out is None else lambda p, s: held_out(p))
 
 
 def train(stepper: Stepper, run: Run, steps: int, seed: int,
@@ -157,6 +185,9 @@ def train(stepper: Stepper, run: Run, steps: int, seed: int,
       run.stepsize.append(size)
     if stepper.bytes_per_step is not None:
       run.bytes.append(stepper.bytes_per_step * (t // stepper.sync_every))
+    if stepper.metrics is not None:
+      for name, metric in stepper.metrics(params, state).items():
+        run.metrics.setdefault(name, []).append(metric)
     return value
 
   record(0, 0.0)

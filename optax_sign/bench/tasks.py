@@ -6,6 +6,19 @@ scalar, ``sample(data, key)`` draws a mini-batch inside ``jit`` from arrays
 passed as arguments (never baked into the compiled program), and
 ``eval_loss(params, data)`` is the full objective used for the curves.
 
+Every task also holds out data no optimizer trains on: ``heldout`` (arrays)
+and ``eval_metrics(params, heldout) -> dict`` give ``test_loss`` and
+``test_accuracy`` for the classifiers and ``val_loss`` for the language model.
+The split is deterministic and does not depend on ``seed`` (every run of every
+seed is scored on the same rows):
+
+* ``logreg``, ``mlp``: a stratified 20% of the rows (:data:`HOLDOUT`), seeded
+  with :data:`SPLIT_SEED`; for ``mlp`` on an idx directory (or a ``train-*``
+  images file) with ``t10k-*`` test files next to it, those files instead.
+  ``logreg``'s default data is standardized with training-split statistics.
+* ``charlm``: the last 10% of the text (:data:`TEXT_HOLDOUT`); the model
+  never samples a training window from it.
+
 * ``logreg``: L2-regularized logistic regression (breast cancer, or LIBSVM).
 * ``mlp``: a Flax NNX MLP classifier (digits, or MNIST-format idx files).
 * ``charlm``: a small Flax NNX causal Transformer on characters (the standard
@@ -29,6 +42,12 @@ TASKS = ("logreg", "mlp", "charlm")
 DEFAULT_STEPS = {"logreg": (300, 20), "mlp": (300, 20), "charlm": (300, 10)}
 DEFAULT_BATCH = {"logreg": (0, 0), "mlp": (128, 32), "charlm": (32, 8)}
 
+HOLDOUT = 0.2  # fraction of rows held out by logreg and mlp (stratified)
+TEXT_HOLDOUT = 0.1  # fraction of the text (its end) held out by charlm
+SPLIT_SEED = 0  # the held-out split is the same for every --seed
+# Tiny sizes: (training rows, held-out rows).
+TINY_ROWS = {"logreg": (128, 32), "mlp": (256, 64)}
+
 
 @dataclasses.dataclass
 class Task:
@@ -43,6 +62,10 @@ class Task:
     sample: ``sample(data, key) -> batch``.
     eval_loss: ``eval_loss(params, data) -> scalar``, the plotted objective.
     f_lower: a known lower bound of the loss (for ALIAS's lower-bound option).
+    heldout: a dict of held-out arrays (disjoint from ``data``), or None.
+    eval_metrics: ``eval_metrics(params, heldout) -> {name: scalar}``, the
+      held-out metrics (``test_loss``/``test_accuracy`` or ``val_loss``), or
+      None for a task without held-out data.
     num_params: number of scalar parameters.
   """
   name: str
@@ -53,6 +76,8 @@ class Task:
   sample: Callable[..., Any]
   eval_loss: Callable[..., jax.Array]
   f_lower: float = 0.0
+  heldout: Optional[dict] = None
+  eval_metrics: Optional[Callable[..., dict]] = None
 
   @property
   def num_params(self) -> int:
@@ -71,7 +96,7 @@ def _rows(data: dict, key: jax.Array, batch_size: int, n: int) -> dict:
 
 
 def logreg(path: Optional[str] = None, batch_size: int = 0, l2: float = 1e-3,
-           tiny: bool = False, seed: int = 0) -> Task:
+           tiny: bool = False, seed: int = 0, holdout: float = HOLDOUT) -> Task:
   """L2-regularized logistic regression with labels in {-1, +1}.
 
   .. math:: f(w, b) = \\frac1n\\sum_i \\log(1 + e^{-y_i(a_i^\\top w + b)})
@@ -79,22 +104,28 @@ def logreg(path: Optional[str] = None, batch_size: int = 0, l2: float = 1e-3,
 
   Dense features for the default data; LIBSVM files keep their sparse rows
   (padded index/value arrays), so wide files never become dense matrices.
+  A stratified ``holdout`` fraction of the rows is held out; its metrics are
+  ``test_loss`` (this objective, regularizer included, on the held-out rows)
+  and ``test_accuracy`` (sign of the logit against the label).
   """
   del seed  # the initial point is zero
   if path is None:
-    x, y = data_lib.breast_cancer()
-    if tiny:
-      x, y = x[:128], y[:128]
-    arrays = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
-    dim, source = x.shape[1], "sklearn breast_cancer (standardized)"
+    x, y = data_lib.breast_cancer(standardize=False)
   else:
     rows, y = data_lib.parse_libsvm(path)
-    if tiny:
-      rows = data_lib.SparseRows(rows.index[:128], rows.value[:128],
-                                 rows.num_features)
-      y = y[:128]
-    arrays = {"index": jnp.asarray(rows.index), "value": jnp.asarray(rows.value),
-              "y": jnp.asarray(y)}
+  train, test = data_lib.split_indices(len(y), holdout, SPLIT_SEED, y)
+  if tiny:
+    train, test = train[:TINY_ROWS["logreg"][0]], test[:TINY_ROWS["logreg"][1]]
+  if path is None:
+    x_train, x_test = data_lib.standardize(x[train], x[test])
+    arrays = {"x": jnp.asarray(x_train), "y": jnp.asarray(y[train])}
+    heldout = {"x": jnp.asarray(x_test), "y": jnp.asarray(y[test])}
+    dim = x.shape[1]
+    source = "sklearn breast_cancer (standardized on the training split)"
+  else:
+    arrays, heldout = ({"index": jnp.asarray(rows.index[i]),
+                        "value": jnp.asarray(rows.value[i]),
+                        "y": jnp.asarray(y[i])} for i in (train, test))
     dim, source = rows.num_features, f"LIBSVM {path}"
   n = int(arrays["y"].shape[0])
 
@@ -110,14 +141,20 @@ def logreg(path: Optional[str] = None, batch_size: int = 0, l2: float = 1e-3,
     return (jnp.mean(jax.nn.softplus(-margin))
             + 0.5 * l2 * jnp.sum(jnp.square(params["w"])))
 
+  def eval_metrics(params, d):
+    correct = (logits(params, d) > 0) == (d["y"] > 0)
+    return {"test_loss": loss(params, d),
+            "test_accuracy": jnp.mean(correct.astype(jnp.float32))}
+
   params = {"w": jnp.zeros((dim,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
   return Task(
       name="logreg",
-      description=f"{source}: n={n}, d={dim}, l2={l2:g}, "
+      description=f"{source}: n={n} (+{test.size} held out, stratified "
+                  f"{holdout:.0%}), d={dim}, l2={l2:g}, "
                   f"batch={'full' if batch_size <= 0 or batch_size >= n else batch_size}",
       params=params, data=arrays, loss=loss,
       sample=lambda d, key: _rows(d, key, batch_size, n),
-      eval_loss=loss)
+      eval_loss=loss, heldout=heldout, eval_metrics=eval_metrics)
 
 
 # -------------------------------------------------------------------- mlp ---
@@ -143,17 +180,36 @@ def _functional(model: nnx.Module):
 
 
 def mlp(path: Optional[str] = None, batch_size: int = 128, hidden: int = 128,
-        tiny: bool = False, seed: int = 0, max_eval: int = 10000) -> Task:
-  """A Flax NNX MLP with two hidden layers and softmax cross-entropy."""
+        tiny: bool = False, seed: int = 0, max_eval: int = 10000,
+        holdout: float = HOLDOUT) -> Task:
+  """A Flax NNX MLP with two hidden layers and softmax cross-entropy.
+
+  Held out: the ``t10k-*`` idx files next to the training files when there
+  are any, else a stratified ``holdout`` fraction of the rows. Metrics:
+  ``test_loss`` (cross-entropy) and ``test_accuracy`` (arg-max), on at most
+  ``max_eval`` held-out rows.
+  """
+  test = None
   if path is None:
     x, y = data_lib.digits()
     source = "sklearn digits"
   else:
-    x, y = data_lib.mnist_like(path)
+    (x, y), test = data_lib.mnist_like_splits(path)
     source = f"idx {path}"
+  if test is None:
+    train, held = data_lib.split_indices(len(y), holdout, SPLIT_SEED, y)
+    (x, y), test = (x[train], y[train]), (x[held], y[held])
+    split = f"stratified {holdout:.0%}"
+  else:
+    split = "t10k files"
+  x_test, y_test = test
   if tiny:
-    x, y, hidden = x[:256], y[:256], 16
-  n, num_classes = x.shape[0], int(y.max()) + 1
+    rows, held_rows = TINY_ROWS["mlp"]
+    x, y = x[:rows], y[:rows]
+    x_test, y_test = x_test[:held_rows], y_test[:held_rows]
+    hidden = 16
+  n = x.shape[0]
+  num_classes = int(max(y.max(), y_test.max())) + 1
   apply, params = _functional(
       MLP((x.shape[1], hidden, hidden, num_classes), rngs=nnx.Rngs(seed)))
 
@@ -162,15 +218,26 @@ def mlp(path: Optional[str] = None, batch_size: int = 128, hidden: int = 128,
     return optax.softmax_cross_entropy_with_integer_labels(
         logits, batch["y"]).mean()
 
+  def eval_metrics(params, d):
+    logits = apply(params, d["x"])
+    correct = jnp.argmax(logits, axis=-1) == d["y"]
+    return {"test_loss": optax.softmax_cross_entropy_with_integer_labels(
+                logits, d["y"]).mean(),
+            "test_accuracy": jnp.mean(correct.astype(jnp.float32))}
+
   arrays = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
-  m = min(n, max_eval)
+  m, m_test = min(n, max_eval), min(x_test.shape[0], max_eval)
+  heldout = {"x": jnp.asarray(x_test[:m_test]),
+             "y": jnp.asarray(y_test[:m_test])}
   return Task(
       name="mlp",
-      description=f"{source}: n={n}, features={x.shape[1]}, "
-                  f"classes={num_classes}, hidden={hidden}x2, batch={batch_size}",
+      description=f"{source}: n={n} (+{m_test} held out, {split}), "
+                  f"features={x.shape[1]}, classes={num_classes}, "
+                  f"hidden={hidden}x2, batch={batch_size}",
       params=params, data=arrays, loss=loss,
       sample=lambda d, key: _rows(d, key, batch_size, n),
-      eval_loss=lambda p, d: loss(p, {k: v[:m] for k, v in d.items()}))
+      eval_loss=lambda p, d: loss(p, {k: v[:m] for k, v in d.items()}),
+      heldout=heldout, eval_metrics=eval_metrics)
 
 
 # ----------------------------------------------------------------- charlm ---
@@ -213,8 +280,15 @@ class CharTransformer(nnx.Module):
 
 def charlm(path: Optional[str] = None, batch_size: int = 32, context: int = 64,
            width: int = 64, depth: int = 2, heads: int = 4, tiny: bool = False,
-           seed: int = 0, eval_windows: int = 64) -> Task:
-  """Next-character prediction with a small causal Transformer (nats/char)."""
+           seed: int = 0, eval_windows: int = 64, val_windows: int = 128,
+           holdout: float = TEXT_HOLDOUT) -> Task:
+  """Next-character prediction with a small causal Transformer (nats/char).
+
+  The last ``holdout`` fraction of the text is held out (training windows
+  never reach into it); ``val_loss`` is the mean next-character loss over at
+  most ``val_windows`` evenly spaced windows of it. The vocabulary is the
+  whole text's.
+  """
   if path is None:
     text, source = data_lib.pydoc_topics(), "pydoc_data.topics"
   else:
@@ -224,13 +298,19 @@ def charlm(path: Optional[str] = None, batch_size: int = 32, context: int = 64,
   vocab = sorted(set(text))
   lookup = {c: i for i, c in enumerate(vocab)}
   ids = np.fromiter((lookup[c] for c in text), np.int32, len(text))
-  if ids.size <= context + 1:
+  cut = int(round((1.0 - holdout) * ids.size))
+  ids, val = ids[:cut], ids[cut:]
+  if min(ids.size, val.size) <= context + 1:
     raise data_lib.DataError(
-        f"{source} has {ids.size} characters; need more than {context + 1}")
+        f"{source} has {len(text)} characters: {ids.size} for training and "
+        f"{val.size} held out (the last {holdout:.0%}); each part needs more "
+        f"than {context + 1}")
   apply, params = _functional(CharTransformer(
       len(vocab), context, width, depth, heads, rngs=nnx.Rngs(seed)))
   starts = np.random.default_rng(seed).integers(
       0, ids.size - context - 1, eval_windows)
+  val_starts = np.unique(np.linspace(0, val.size - context - 1,
+                                     val_windows).astype(np.int64))
 
   def windows(ids, starts):
     offsets = starts[:, None] + jnp.arange(context + 1)
@@ -245,15 +325,19 @@ def charlm(path: Optional[str] = None, batch_size: int = 32, context: int = 64,
     s = jax.random.randint(key, (batch_size,), 0, d["ids"].shape[0] - context - 1)
     return windows(d["ids"], s)
 
+  evaluate = lambda p, d: loss(p, windows(d["ids"], d["eval_starts"]))
   return Task(
       name="charlm",
-      description=f"{source}: {ids.size} chars, vocab={len(vocab)}, "
+      description=f"{source}: {ids.size} chars (+{val.size} held out, the "
+                  f"last {holdout:.0%}), vocab={len(vocab)}, "
                   f"context={context}, width={width}, depth={depth}, "
                   f"batch={batch_size}",
       params=params, data={"ids": jnp.asarray(ids),
                             "eval_starts": jnp.asarray(starts, jnp.int32)},
-      loss=loss, sample=sample,
-      eval_loss=lambda p, d: loss(p, windows(d["ids"], d["eval_starts"])))
+      loss=loss, sample=sample, eval_loss=evaluate,
+      heldout={"ids": jnp.asarray(val),
+               "eval_starts": jnp.asarray(val_starts, jnp.int32)},
+      eval_metrics=lambda p, d: {"val_loss": evaluate(p, d)})
 
 
 def make_task(name: str, path: Optional[str] = None,
