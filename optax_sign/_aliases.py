@@ -26,8 +26,17 @@ def sign_sgd(learning_rate: optax.ScalarOrSchedule,
     learning_rate: a scalar or a schedule of the step count.
     tie: tie policy for exact zeros.
 
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> tx = sign_sgd(1e-3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state)
+
   References:
-    Bernstein et al., arXiv 1802.04434.
+    Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex
+    Problems", arXiv 1802.04434.
   """
   _check_learning_rate(learning_rate)
   return optax.chain(_sign.scale_by_sign(tie),
@@ -47,8 +56,23 @@ def signum(learning_rate: optax.ScalarOrSchedule,
 
   It is :func:`lion_like` with ``b1 = b2 = beta``.
 
+  Args:
+    learning_rate: a scalar or a schedule of the step count.
+    beta: momentum coefficient :math:`\beta` in [0, 1].
+    weight_decay: decoupled decay :math:`\lambda \ge 0` (needs ``params``).
+    state_dtype: dtype of the momentum (``None``: float32).
+    tie: tie policy for exact zeros.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> tx = signum(1e-4, beta=0.9, weight_decay=0.1)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+
   References:
-    Bernstein et al., arXiv 1802.04434.
+    Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex
+    Problems", arXiv 1802.04434.
   """
   return lion_like(learning_rate, b1=beta, b2=beta, weight_decay=weight_decay,
                    state_dtype=state_dtype, tie=tie)
@@ -80,6 +104,14 @@ def lion_like(learning_rate: optax.ScalarOrSchedule,
     state_dtype: dtype of the momentum (``None``: float32).
     tie: tie policy for exact zeros.
 
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (needs ``params`` when
+    ``weight_decay`` is not zero).
+
+  Example:
+    >>> tx = lion_like(3e-4, b1=0.9, b2=0.99, weight_decay=1e-2)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+
   References:
     Chen et al., "Symbolic Discovery of Optimization Algorithms",
     arXiv 2302.06675.
@@ -99,6 +131,13 @@ def _local_adamw(learning_rate: optax.ScalarOrSchedule,
   """The released DSM-LS code's local AdamW: betas (0.9, 0.95), eps 1e-8."""
   return optax.adamw(learning_rate, b1=0.9, b2=0.95, eps=1e-8,
                      weight_decay=weight_decay, mask=_outer.matrix_mask)
+
+
+def _check_inner(inner_learning_rate: optax.ScalarOrSchedule,
+                 inner_weight_decay: float) -> None:
+  if not callable(inner_learning_rate):
+    _checks.check_nonnegative("inner_learning_rate", inner_learning_rate)
+  _checks.check_nonnegative("inner_weight_decay", inner_weight_decay)
 
 
 def dsm_ls(inner_learning_rate: optax.ScalarOrSchedule,
@@ -146,6 +185,10 @@ def dsm_ls(inner_learning_rate: optax.ScalarOrSchedule,
     key: PRNG key for the randomized sign; ``None`` for the hard sign.
     bound: bound of the randomized sign (default ``sync_every``).
 
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (a :func:`local_steps`
+    transformation; needs ``params``).
+
   Example:
     >>> tx = dsm_ls(optax.warmup_cosine_decay_schedule(0, 5e-4, 2000, 10**5),
     ...             axis_name="x")
@@ -154,6 +197,7 @@ def dsm_ls(inner_learning_rate: optax.ScalarOrSchedule,
     Yu et al., "Distributed Sign Momentum with Local Steps for Training
     Transformers", arXiv 2411.17866.
   """
+  _checks.check_int("sync_every", sync_every, 1)
   if inner is None:
     inner = _local_adamw(inner_learning_rate, 0.0)
   outer = _outer.global_sign_momentum(
@@ -183,10 +227,30 @@ def diloco(inner_learning_rate: optax.ScalarOrSchedule,
   presets so that runs communicate equally. The default inner optimizer is
   AdamW (0.9, 0.95), eps 1e-8, decay ``inner_weight_decay`` on ``ndim >= 2``.
 
+  Args:
+    inner_learning_rate: the inner learning rate :math:`\gamma` (scalar or
+      schedule of the local step), used by the default inner optimizer.
+    inner: the per-worker optimizer (default: the AdamW above).
+    sync_every: steps per round :math:`\tau`.
+    axis_name: the workers' axis name; ``None`` for one worker.
+    learning_rate: the outer learning rate :math:`\alpha \ge 0`.
+    momentum: the outer Nesterov momentum :math:`\mu` in [0, 1).
+    inner_weight_decay: decay :math:`\ge 0` of the default inner AdamW.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (a :func:`local_steps`
+    transformation; needs ``params``).
+
+  Example:
+    >>> tx = diloco(1e-3, sync_every=50, axis_name="workers")
+
   References:
     Douillard et al., "DiLoCo: Distributed Low-Communication Training of
     Language Models", arXiv 2311.08105.
   """
+  _check_learning_rate(learning_rate)
+  _checks.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
+  _check_inner(inner_learning_rate, inner_weight_decay)
   if inner is None:
     inner = _local_adamw(inner_learning_rate, inner_weight_decay)
   outer = optax.sgd(learning_rate, momentum=momentum, nesterov=True)
@@ -215,13 +279,37 @@ def slowmo(inner_learning_rate: optax.ScalarOrSchedule,
   released baseline (momentum 0.2, slow lr 1.0, no global decay, local AdamW
   (0.9, 0.95) with decay 0.1 on ``ndim >= 2``).
 
+  Args:
+    inner_learning_rate: the inner learning rate :math:`\gamma` (scalar or
+      schedule of the local step); it must be the one ``inner`` uses.
+    inner: the per-worker optimizer (default: the AdamW above).
+    sync_every: steps per round :math:`\tau`.
+    axis_name: the workers' axis name; ``None`` for one worker.
+    learning_rate: the slow learning rate :math:`\eta \ge 0`.
+    momentum: the slow momentum :math:`\mu` in [0, 1].
+    weight_decay: global decoupled decay :math:`\lambda' \ge 0` of the
+      anchor.
+    mask: decay mask (``None`` decays all leaves).
+    inner_weight_decay: decay :math:`\ge 0` of the default inner AdamW.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (a :func:`local_steps`
+    transformation; needs ``params``).
+
+  Example:
+    >>> tx = slowmo(1e-3, sync_every=12, axis_name="workers", momentum=0.5)
+
   References:
     Wang et al., "SlowMo: Improving Communication-Efficient Distributed SGD
     with Slow Momentum", ICLR 2020 (arXiv 1910.00643).
   """
+  _check_learning_rate(learning_rate)
+  _checks.check_interval("momentum", momentum, 0.0, 1.0)
+  if not callable(weight_decay):
+    _checks.check_nonnegative("weight_decay", weight_decay)
+  _check_inner(inner_learning_rate, inner_weight_decay)
   if inner is None:
     inner = _local_adamw(inner_learning_rate, inner_weight_decay)
-  _checks.check_interval("momentum", momentum, 0.0, 1.0)
   outer = optax.chain(optax.trace(momentum),
                       optax.add_decayed_weights(weight_decay, mask),
                       optax.scale_by_learning_rate(learning_rate))
@@ -242,11 +330,28 @@ def model_averaging(inner_learning_rate: optax.ScalarOrSchedule,
   inner optimizer is AdamW (0.9, 0.95), eps 1e-8, decay ``inner_weight_decay``
   on ``ndim >= 2``.
 
+  Args:
+    inner_learning_rate: the inner learning rate :math:`\gamma` (scalar or
+      schedule of the local step), used by the default inner optimizer.
+    inner: the per-worker optimizer (default: the AdamW above).
+    sync_every: steps per round :math:`\tau`.
+    axis_name: the workers' axis name; ``None`` for one worker.
+    inner_weight_decay: decay :math:`\ge 0` of the default inner AdamW.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (a :func:`local_steps`
+    transformation; needs ``params``).
+
+  Example:
+    >>> tx = model_averaging(1e-3, inner=optax.sgd(1e-3), sync_every=8,
+    ...                      axis_name="workers")
+
   References:
     Stich, "Local SGD Converges Fast and Communicates Little", arXiv
     1805.09767; McMahan et al., "Communication-Efficient Learning of Deep
     Networks from Decentralized Data", arXiv 1602.05629.
   """
+  _check_inner(inner_learning_rate, inner_weight_decay)
   if inner is None:
     inner = _local_adamw(inner_learning_rate, inner_weight_decay)
   return _local_steps.local_steps(inner, optax.sgd(1.0), sync_every,
@@ -283,6 +388,34 @@ def alias_sign_sgd(
   front if wanted; nothing may follow it. For ``distance="lower_bound"``
   pass the loss as ``value=`` to ``update``. The stepsize is readable as
   ``optax.tree.get(state, "stepsize")``.
+
+  The arguments are listed briefly below; :func:`optax_sign.scale_by_alias`
+  documents them in full.
+
+  Args:
+    distance: ``"gap"`` (Option I) or ``"lower_bound"`` (Option II).
+    d0: Option I floor of the distance estimate, > 0.
+    f_lower: Option II lower bound of the loss.
+    initial_value: Option II :math:`f(x_0)` (``None``: the first ``value=``).
+    eta0: initial smoothness accumulator :math:`\eta_0 \ge 0`.
+    initial_stepsize: stepsize at a recompute while :math:`\eta = 0`.
+    max_stepsize: optional cap on :math:`\gamma_t`.
+    update_gap: steps :math:`k \ge 1` between statistics.
+    warmup_steps: steps of plain Sign-SGD before ALIAS starts.
+    warmup_stepsize: scalar or schedule used during the warmup.
+    weight_decay: decoupled decay :math:`\lambda \ge 0`, scaled by
+      :math:`\gamma_t`.
+    momentum: :math:`0 \le \mu < 1`, momentum of the sign direction.
+    nesterov: Nesterov form of the momentum.
+    memory: ``"full"`` or ``"sign"`` (keeps only the packed direction).
+    tie: tie policy of the sign.
+    state_dtype: dtype of the gradient snapshot and momentum buffer.
+    axis_name: optional named axis of workers (majority-vote direction,
+      one shared stepsize).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` that must come last in a
+    chain (its output already includes the stepsize).
 
   Example:
     >>> tx = alias_sign_sgd()                        # no learning rate
@@ -339,6 +472,10 @@ def alias_sign_sgd_released(
     weight_decay: decoupled decay, scaled by the stepsize.
     f_lower: lower bound of the loss.
     axis_name: optional named axis of workers (see ``scale_by_alias``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` that must come last in a
+    chain (pass ``value=`` to ``update``).
 
   References:
     Medyakov et al., arXiv 2506.03725; released code

@@ -119,19 +119,14 @@ def choose_transport(transport: str, num_workers: int, size: int, tie: str,
                             candidates.index(t)))
 
 
-def _message(v: jax.Array, tie: str) -> jax.Array:
-  """tsign_T(v) as int8, flattened. NaN counts as a zero (the tie value)."""
-  tie_value = {"zero": 0, "positive": 1, "negative": -1}[tie]
-  v = v.ravel()
-  one = jnp.ones(v.shape, jnp.int8)
-  return jnp.where(v > 0, one, jnp.where(v < 0, -one, jnp.int8(tie_value)))
+def _tie_sign_int(x: jax.Array, tie: str) -> jax.Array:
+  """tsign_T(x) as int8 (of a value or of an integer count).
 
-
-def _tie_sign_int(s: jax.Array, tie: str) -> jax.Array:
-  """tsign_T of an integer count, as int8."""
+  Anything that is neither > 0 nor < 0, NaN included, takes the tie value.
+  """
   tie_value = {"zero": 0, "positive": 1, "negative": -1}[tie]
-  one = jnp.ones(s.shape, jnp.int8)
-  return jnp.where(s > 0, one, jnp.where(s < 0, -one, jnp.int8(tie_value)))
+  one = jnp.ones(x.shape, jnp.int8)
+  return jnp.where(x > 0, one, jnp.where(x < 0, -one, jnp.int8(tie_value)))
 
 
 def _pack(q: jax.Array, tie: str) -> jax.Array:
@@ -208,7 +203,7 @@ def _check_alive_shape(alive: jax.Array, axis_name: AxisName,
 
 def _flatten(tree: Any, tie: str) -> Tuple[jax.Array, Any]:
   leaves, treedef = jax.tree.flatten(tree)
-  q = jnp.concatenate([_message(v, tie) for v in leaves]) if leaves else (
+  q = jnp.concatenate([_tie_sign_int(v.ravel(), tie) for v in leaves]) if leaves else (
       jnp.zeros((0,), jnp.int8))
   return q, (treedef, leaves)
 
@@ -279,7 +274,15 @@ def vote_signs(tree: Any, axis_name: Optional[AxisName], *,
 
   computed with integer arithmetic only; every worker gets the same
   :math:`V`, leaf by leaf in the input dtypes. One tie policy :math:`T` governs
-  the local zeros and the tied votes (NaN counts as a zero).
+  the local zeros and the tied votes.
+
+  Non-finite inputs: a NaN coordinate is sent as the tie value, so the vote
+  itself stays finite and identical everywhere. Do not wrap a communicating
+  chain in ``optax.apply_if_finite``: it decides per worker, so the workers
+  would part ways (and under ``shard_map`` a skipping worker would not join
+  the collective). Drop a worker whose gradient is not finite with the alive
+  mask instead, ``alive=all(isfinite(g))`` (this worker's flag): every worker
+  then applies the same vote of the others.
 
   Args:
     tree: this worker's pytree :math:`v_i` of arrays.
@@ -327,7 +330,36 @@ def mean_signs(tree: Any, axis_name: Optional[AxisName], *,
 
   not re-signed; computed in float32 and returned in the input dtypes. The
   count travels by ``"psum"`` or ``"allgather"`` (``"alltoall"`` moves votes,
-  not counts, and is refused). Arguments as in :func:`vote_signs`.
+  not counts, and is refused).
+
+  Args:
+    tree: this worker's pytree :math:`v_i` of arrays.
+    axis_name: the named axis of the workers (a name or a tuple of names), or
+      ``None`` for one worker and no collective.
+    tie: tie policy :math:`T` for local zeros: ``"zero"`` (zeros abstain),
+      ``"positive"`` or ``"negative"``.
+    transport: ``"auto"``, ``"psum"`` or ``"allgather"``.
+    alive: optional alive mask: this worker's boolean flag (a scalar), or a
+      boolean vector of length :math:`N` replicated on every worker. A dead
+      worker abstains and is not counted in the denominator.
+
+  Returns:
+    A pytree like ``tree`` with values in :math:`[-1, 1]` (multiples of
+    :math:`1/\sum_i a_i`), identical on every worker.
+
+  Raises:
+    ValueError: for an unknown ``tie``, ``transport="alltoall"``, an
+      ``axis_name`` not bound by ``shard_map``/``pmap``/``vmap``, or a badly
+      shaped ``alive``.
+
+  Example:
+    >>> mean = jax.vmap(lambda g: mean_signs(g, "i"), axis_name="i")(grads)
+
+  References:
+    Bernstein et al., "signSGD with Majority Vote is Communication Efficient
+    and Fault Tolerant", ICLR 2019 (arXiv 1810.05291); Liu et al.,
+    "Communication Efficient Distributed Training with Distributed Lion",
+    NeurIPS 2024 (arXiv 2404.00438).
   """
   q, structure, n, transport, alive, own = _prepare(
       tree, axis_name, tie, transport, alive, _COUNT_TRANSPORTS)
@@ -346,7 +378,8 @@ def mean_signs(tree: Any, axis_name: Optional[AxisName], *,
 
 class SignAggregationState(NamedTuple):
   """State of :func:`majority_vote` and :func:`mean_of_signs`."""
-  bytes_sent: jax.Array  # float32 scalar: bytes this worker sent so far
+  count: jax.Array  # int32 scalar: aggregation steps so far
+  bytes_sent: jax.Array  # float32 scalar: count * bytes per step (ring model)
 
 
 def _aggregator(aggregate, axis_name, transport, tie, allowed):
@@ -355,7 +388,8 @@ def _aggregator(aggregate, axis_name, transport, tie, allowed):
 
   def init_fn(params):
     del params
-    return SignAggregationState(bytes_sent=jnp.zeros((), jnp.float32))
+    return SignAggregationState(count=jnp.zeros((), jnp.int32),
+                                bytes_sent=jnp.zeros((), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -365,8 +399,10 @@ def _aggregator(aggregate, axis_name, transport, tie, allowed):
     n = axis_size(axis_name)
     size = sum(x.size for x in jax.tree.leaves(updates))
     chosen = choose_transport(transport, n, size, tie, allowed)
-    sent = vote_bytes(chosen, n, size, tie)
-    return out, SignAggregationState(bytes_sent=state.bytes_sent + sent)
+    count = optax.safe_increment(state.count)
+    # A product, not a running float32 sum, so large totals do not drift.
+    sent = count.astype(jnp.float32) * vote_bytes(chosen, n, size, tie)
+    return out, SignAggregationState(count=count, bytes_sent=sent)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

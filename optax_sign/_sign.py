@@ -139,6 +139,15 @@ def scale_by_randomized_sign(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _cast_keeping_sign(v: jax.Array, dtype: Any) -> jax.Array:
+  """Casts ``v`` to ``dtype``; nonzero values never round to zero."""
+  out = v.astype(dtype)
+  if jnp.dtype(dtype) == v.dtype:
+    return out
+  tiny = jnp.asarray(jnp.finfo(dtype).tiny, dtype)
+  return jnp.where((out == 0) & (v != 0), jnp.sign(v).astype(dtype) * tiny, out)
+
+
 class LionMomentumState(NamedTuple):
   """State of :func:`scale_by_lion_momentum`."""
   mu: optax.Updates  # tree like params, dtype ``state_dtype``: EMA of g (b2)
@@ -167,7 +176,16 @@ def scale_by_lion_momentum(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; :math:`v_t` is computed in
     float32 (for lower-precision gradients) and returned in the gradient dtype,
-    a rounding that never changes a sign.
+    with values that would underflow to zero kept at the dtype's smallest
+    normal number, so that the cast never changes a sign.
+
+  Example:
+    >>> tx = optax.chain(scale_by_lion_momentum(0.9, 0.99),
+    ...                  scale_by_randomized_sign(jax.random.key(0), 1.0))
+
+  References:
+    Chen et al., "Symbolic Discovery of Optimization Algorithms" (Lion),
+    arXiv 2302.06675.
   """
   _checks.check_interval("b1", b1, 0.0, 1.0)
   _checks.check_interval("b2", b2, 0.0, 1.0)
@@ -179,7 +197,7 @@ def scale_by_lion_momentum(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     direction = jax.tree.map(
-        lambda g, m: ((1.0 - b1) * g + b1 * m).astype(g.dtype),
+        lambda g, m: _cast_keeping_sign((1.0 - b1) * g + b1 * m, g.dtype),
         updates, state.mu)
     mu = optax.tree.update_moment(updates, state.mu, b2, 1)
     return direction, LionMomentumState(mu=optax.tree.cast(mu, state_dtype))

@@ -312,3 +312,32 @@ def test_charlm_holds_out_the_end_of_the_text(tmp_path):
   assert np.isfinite(value)
   with pytest.raises(tasks.data_lib.DataError, match="held out"):
     tasks.charlm(str(path), context=200, holdout=0.1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid-points", "0"], "--grid-points must be >= 1"),
+    (["--grid-range", "0", "1"], "--grid-range needs 0 < LOW <= HIGH"),
+    (["--grid-range", "1", "0.1"], "--grid-range needs 0 < LOW <= HIGH"),
+    (["-o", "alias", "adamw", "--lr", "alias=0.1"], "parameter-free"),
+    (["-o", "adamw", "--lr", "sgd=0.1"], "'sgd' is not among the optimizers"),
+    (["-o", "adamw", "--grid", "sign_sgd", "--lr", "sign_sgd=0.1"],
+     "'sign_sgd' is not among the optimizers"),
+    (["--batch-size", "-1"], "--batch-size must be >= 0"),
+    (["--log-every", "-5"], "--log-every must be >= 1"),
+])
+def test_bad_inputs_fail_before_any_run(capsys, tmp_path, args, message):
+  with pytest.raises(SystemExit) as info:
+    cli.main(["--tiny", "--no-progress", "--out", str(tmp_path / "out"),
+              *args])
+  assert str(info.value.code).startswith("optax-sign-bench: error:")
+  assert message in str(info.value.code)
+  assert "==" not in capsys.readouterr().out  # no task started
+  assert not (tmp_path / "out").exists()
+
+
+def test_lr_override_reaches_the_run(capsys, tmp_path):
+  _, results, _ = run_cli(capsys, tmp_path, "--task", "logreg", "-o", "sgd",
+                          "--lr", "sgd=0.0123", "--grid", "--steps", "2")
+  assert results["config"]["lr"] == {"sgd": 0.0123}
+  run = results["results"]["logreg"]["rows"][0]["run"]
+  assert run["learning_rate"] == 0.0123

@@ -99,6 +99,19 @@ def test_sign_momentum_reproduces_optax_lion_bf16():
         rtol=2.0 ** -6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("tie", ["zero", "positive"])
+def test_low_precision_never_flips_or_zeroes_a_sign(dtype, tie):
+  # A momentum far below the dtype's range: its sign must survive the cast.
+  tx = optax_sign.sign_momentum(b1=0.9, b2=0.99, tie=tie)
+  grads = {"x": jnp.zeros(2, dtype)}
+  state = tx.init(grads)
+  tiny = 2.0 * float(jnp.finfo(jnp.float32).tiny)  # normal in float32
+  mu = jnp.array([-tiny, tiny], jnp.float32)
+  u, _ = tx.update(grads, (state[0]._replace(mu={"x": mu}), state[1]))
+  np.testing.assert_array_equal(np.asarray(u["x"], np.float32), [-1.0, 1.0])
+
+
 def test_signum_is_sign_of_ema_numpy_reference():
   beta, lr = 0.8, 0.01
   tx = optax_sign.signum(lr, beta=beta)
@@ -151,7 +164,10 @@ def test_randomized_sign_state_gives_fresh_and_reproducible_samples():
   chex.assert_trees_all_equal(u1, v1)
   # Raw uint32 keys are accepted too.
   raw = optax_sign.scale_by_randomized_sign(jax.random.PRNGKey(3), bound=1.0)
-  raw.update(grads, raw.init(grads))
+  w1, raw_state = raw.update(grads, raw.init(grads))
+  w2, _ = raw.update(grads, raw_state)
+  assert set(np.unique(np.asarray(w1["a"])).tolist()) == {-1.0, 1.0}
+  assert np.any(np.asarray(w1["a"]) != np.asarray(w2["a"]))
 
 
 @pytest.mark.parametrize("factory,kwargs,name", [

@@ -107,7 +107,7 @@ def _fail(message: str):
 
 
 def _select(args, multi: bool):
-  """(entries to run at one lr, entries to grid-tune, messages)."""
+  """(entries to run at one lr, entries to grid-tune, messages, lr by name)."""
   names = args.optimizers
   if names is None:
     names = opt_lib.DEFAULT_MULTI if multi else opt_lib.DEFAULT_SINGLE
@@ -117,10 +117,18 @@ def _select(args, multi: bool):
   try:
     plain, skipped = opt_lib.available(names)
     tuned, skipped_grid = opt_lib.available(grid)
-    for name, _ in args.lr:
-      opt_lib.lookup(name)
+    selected = {opt_lib.lookup(name).name for name in names}
+    lrs = {opt_lib.lookup(name).name: lr for name, lr in args.lr}
   except ValueError as e:
     _fail(str(e))
+  for name, _ in args.lr:
+    entry = opt_lib.lookup(name)
+    if not entry.tunable:
+      _fail(f"--lr {name}: it is parameter-free (no learning rate)")
+    if entry.name not in selected:
+      _fail(f"--lr {name}: {entry.name!r} is not among the optimizers run "
+            "at one learning rate (select it with --optimizers; --grid "
+            "tunes its own)")
   for e in plain + tuned:
     if e.multi_worker != multi:
       _fail(f"optimizer {e.name!r} is "
@@ -130,7 +138,7 @@ def _select(args, multi: bool):
   for e in tuned:
     if not e.tunable:
       _fail(f"--grid {e.name}: it is parameter-free (no learning rate)")
-  return plain, tuned, skipped + skipped_grid
+  return plain, tuned, skipped + skipped_grid, lrs
 
 
 def run_task(args, name: str, plain, tuned, mesh, lrs: dict, out: str):
@@ -197,6 +205,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _fail("--workers must be >= 1")
   if args.steps is not None and args.steps < 1:
     _fail("--steps must be >= 1")
+  if args.batch_size is not None and args.batch_size < 0:
+    _fail("--batch-size must be >= 0 (0 = full batch)")
+  if args.log_every is not None and args.log_every < 1:
+    _fail("--log-every must be >= 1")
+  if args.grid_points < 1:
+    _fail("--grid-points must be >= 1")
+  low, high = args.grid_range
+  if not 0 < low <= high:
+    _fail(f"--grid-range needs 0 < LOW <= HIGH, got {low:g} {high:g}")
   if args.data is not None and len(args.task) != 1:
     _fail("--data applies to one task: pass exactly one --task")
   if args.data is not None and not os.path.exists(args.data):
@@ -205,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if multi:
     from optax_sign.bench import distributed  # pylint: disable=g-import-not-at-top
     distributed.request_devices(args.workers)
-  plain, tuned, skipped = _select(args, multi)
+  plain, tuned, skipped, lrs = _select(args, multi)
   for message in skipped:
     print(message, file=sys.stderr)
   if not plain and not tuned:
@@ -225,13 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   start = time.perf_counter()
   results = {}
   for name in args.task:
-    rows, grids, task = run_task(args, name, plain, tuned, mesh,
-                                 dict(args.lr), args.out)
+    rows, grids, task = run_task(args, name, plain, tuned, mesh, lrs,
+                                 args.out)
     results[name] = {"description": task.description,
                      "num_params": task.num_params, "skipped": skipped,
                      **report.to_dict(rows, grids)}
   config = {k: v for k, v in vars(args).items() if k != "list"}
-  config["lr"] = dict(args.lr)
+  config["lr"] = lrs
   path = os.path.join(args.out, "results.json")
   report.write_json(path, config, results)
   print(f"\nresults: {path} (total {time.perf_counter() - start:.1f} s)")
