@@ -199,6 +199,7 @@ def test_local_steps_count_bytes_per_sync(capsys, tmp_path):
     (["--workers", "64", "-o", "dp_sgd"], "needs 64 CPU devices"),
 ])
 def test_clear_errors(tmp_path, args, message):
+  jax.devices()  # start JAX with the conftest's 8 devices, as in a full run
   with pytest.raises(SystemExit) as info:
     cli.main(["--tiny", "--no-progress", "--out", str(tmp_path), *args])
   assert message in str(info.value.code)
