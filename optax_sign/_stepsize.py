@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_sign import _checks
@@ -27,34 +28,78 @@ _F32 = jnp.float32
 # Global reductions (float32) and packed sign storage.
 
 
-def _l1(tree: Any) -> jax.Array:
-  return sum((jnp.sum(jnp.abs(x), dtype=_F32) for x in jax.tree.leaves(tree)),
-             jnp.zeros([], _F32))
+def _global_reduce(terms: Sequence[tuple]) -> list:
+  """Global float32 reductions of several trees in one pass over the leaves.
+
+  Each term is ``("sum", tree)`` or ``("max", tree)`` (the max of nonnegative
+  values, 0 for an empty tree); all trees share one structure. Per leaf the
+  terms go through a single variadic ``lax.reduce``: XLA fuses the
+  elementwise producers into it, so every input leaf is read once and no
+  parameter-sized intermediate is materialised (a single-operand sum on CPU
+  may instead become a library call whose inputs are materialised).
+
+  Args:
+    terms: a sequence of ``(kind, tree)`` pairs.
+
+  Returns:
+    One float32 scalar per term.
+  """
+  kinds = tuple(kind for kind, _ in terms)
+
+  def combine(a, b):
+    return tuple(x + y if kind == "sum" else jnp.maximum(x, y)
+                 for kind, x, y in zip(kinds, a, b))
+
+  totals = tuple(jnp.zeros([], _F32) for _ in kinds)
+  for ops in zip(*(jax.tree.leaves(tree) for _, tree in terms)):
+    ops = tuple(x.astype(_F32) for x in ops)
+    totals = combine(totals, jax.lax.reduce(
+        ops, tuple(np.float32(0) for _ in ops), combine,
+        tuple(range(ops[0].ndim))))
+  return list(totals)
 
 
-def _linf(tree: Any) -> jax.Array:
-  return jnp.max(jnp.stack(
-      [jnp.max(jnp.abs(x), initial=0).astype(_F32)
-       for x in jax.tree.leaves(tree)] + [jnp.zeros([], _F32)]))
+def _bit_layout(shape: Sequence[int]) -> tuple:
+  """Shapes used to pack an array of ``shape`` 8 bits per byte.
 
+  Runs of 8 consecutive elements of the last axis share a byte (bit ``k``
+  holds element ``8 j + k``), so packing and unpacking keep the array's
+  layout and fuse into elementwise passes. Without a last axis whose length
+  is a multiple of 8 the array is flattened and padded first.
 
-def _dot(a: Any, b: Any) -> jax.Array:
-  return sum((jnp.sum(x.astype(_F32) * y.astype(_F32))
-              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
-             jnp.zeros([], _F32))
+  Returns:
+    ``(bits_shape, padded)``: the shape of the packed uint8 array and whether
+    the array is flattened and padded.
+  """
+  shape = tuple(shape)
+  if shape and shape[-1] % 8 == 0:
+    return shape[:-1] + (shape[-1] // 8,), False
+  return (-(-int(np.prod(shape, dtype=np.int64)) // 8),), True
 
 
 def _pack(mask: jax.Array) -> jax.Array:
-  """Packs a boolean array 8 per byte (uint8 of shape ``(ceil(size/8),)``)."""
-  return jnp.packbits(mask.reshape(-1))
+  """Packs a boolean array 8 per byte (uint8, see :func:`_bit_layout`)."""
+  bits_shape, padded = _bit_layout(mask.shape)
+  if padded:
+    mask = jnp.pad(mask.reshape(-1), (0, 8 * bits_shape[0] - mask.size))
+  mask = mask.reshape(bits_shape + (8,)).astype(jnp.uint8)
+  # A reduction, which XLA does not fuse into its consumers: the update then
+  # reads the packed bits, not the gradient again.
+  return jnp.sum(mask << np.arange(8, dtype=np.uint8), axis=-1,
+                 dtype=jnp.uint8)
 
 
 def _unpack(bits: jax.Array, like: jax.Array) -> jax.Array:
-  return jnp.unpackbits(bits, count=like.size).reshape(like.shape) != 0
+  """The boolean array of ``like``'s shape packed by :func:`_pack`."""
+  _, padded = _bit_layout(like.shape)
+  mask = (bits[..., None] >> np.arange(8, dtype=np.uint8)) & np.uint8(1)
+  if padded:
+    return mask.reshape(-1)[:like.size].reshape(like.shape) != 0
+  return mask.reshape(like.shape) != 0
 
 
 def _zero_bits(x: Any) -> jax.Array:
-  return jnp.zeros(((x.size + 7) // 8,), jnp.uint8)
+  return jnp.zeros(_bit_layout(x.shape)[0], jnp.uint8)
 
 
 def _pack_signs(signs: Any, tie: str) -> tuple:
@@ -115,8 +160,9 @@ class AliasState(NamedTuple):
   window: Any  # tree like params, float32: x_t - x_snapshot (only when
   #   update_gap > 1, weight_decay > 0 or momentum > 0 with memory="full")
   momentum: Any  # tree like params, state_dtype: momentum buffer, or ()
-  sign_bits: Any  # tree of uint8 (ceil(size/8),): s_{t-1} > 0, packed
-  #   (memory="sign"), else ()
+  sign_bits: Any  # tree of uint8 (shape[:-1] + (shape[-1] // 8,), or
+  #   (ceil(size/8),) if the last axis is not a multiple of 8): s_{t-1} > 0,
+  #   8 consecutive elements per byte (memory="sign"), else ()
   nonzero_bits: Any  # tree of uint8: s_{t-1} != 0 (memory="sign" and
   #   tie="zero"), else ()
 
@@ -255,6 +301,8 @@ def scale_by_alias(
   # A vote is never the sign of a local gradient: keep it as bits.
   keep_bits = not full or axis_name is not None
   option2 = distance == "lower_bound"
+  # The direction is tsign(g_t): ||u_t||_inf follows from ||g_t||_1, no max.
+  plain_sign = axis_name is None and not has_momentum and not has_decay
 
   def init_fn(params):
     zero = jnp.zeros([], _F32)
@@ -285,36 +333,7 @@ def scale_by_alias(
     t = state.count
     gamma_prev = state.stepsize
     sample = (t > warmup_steps) & (t % k == 0)
-
-    # Previous applied direction and its iterate difference Delta.
-    if keep_bits:
-      s_prev = _unpack_signs(state.sign_bits, state.nonzero_bits, updates)
-    elif not has_window:
-      s_prev = jax.tree.map(lambda g: _sign.tie_sign(g.astype(_F32), tie),
-                            state.grad_snapshot)
-    if has_window:
-      delta = state.window
-    elif has_decay:  # sign memory with decay: rebuild u_{t-1} from x_t.
-      shrink = 1.0 - gamma_prev * weight_decay
-      shrink = jnp.where(shrink > 0, shrink, 1.0)
-      delta = jax.tree.map(
-          lambda s, x: -gamma_prev * (s + weight_decay * x.astype(_F32))
-          / shrink, s_prev, params)
-    else:
-      delta = jax.tree.map(lambda s: -gamma_prev * s, s_prev)
-
-    # Local scalars, averaged over workers in one pmean.
-    zero = jnp.zeros([], _F32)
     secant = not full and prev_grads is None
-    g_delta = _dot(updates, delta) if secant or not option2 else zero
-    if prev_grads is not None:
-      num = _l1(jax.tree.map(lambda g, p: g.astype(_F32) - p.astype(_F32),
-                             updates, prev_grads))
-    elif full:
-      num = _l1(jax.tree.map(lambda g, p: g.astype(_F32) - p.astype(_F32),
-                             updates, state.grad_snapshot))
-    else:
-      num = jnp.zeros([], _F32)
     if option2:
       if initial_value is not None:
         f0 = jnp.asarray(initial_value, _F32)
@@ -328,33 +347,96 @@ def scale_by_alias(
     else:
       f0 = jnp.zeros([], _F32)
 
-    direction_src, new_momentum = updates, state.momentum
-    if has_momentum:
-      new_momentum = jax.tree.map(
-          lambda g, m: jnp.where(t == 0, g.astype(_F32),
-                                 momentum * m.astype(_F32) + g.astype(_F32)),
-          updates, state.momentum)
-      direction_src = new_momentum
-      if nesterov:
-        direction_src = jax.tree.map(
-            lambda g, m: g.astype(_F32) + momentum * m, updates, new_momentum)
-    if axis_name is None:
-      signs = jax.tree.map(lambda v: _sign.tie_sign(v, tie).astype(_F32),
-                           direction_src)
+    # Direction s_t: sign of the gradient, of the momentum buffer, or the
+    # workers' vote (then passed in as `signs`, to vote only once).
+    def directions(grads, params, old_momentum, signs=None):
+      g32 = optax.tree.cast(grads, _F32)
+      x32 = optax.tree.cast(params, _F32) if has_decay else None
+      source, new_momentum = g32, old_momentum
+      if has_momentum:
+        new_momentum = jax.tree.map(
+            lambda g, m: jnp.where(t == 0, g, momentum * m.astype(_F32) + g),
+            g32, old_momentum)
+        source = new_momentum
+        if nesterov:
+          source = jax.tree.map(lambda g, m: g + momentum * m, g32,
+                                new_momentum)
+      if signs is None and axis_name is None:
+        signs = jax.tree.map(lambda v: _sign.tie_sign(v, tie), source)
+      elif signs is None:
+        from optax_sign import _communication  # pylint: disable=g-import-not-at-top
+        signs = optax.tree.cast(
+            _communication.vote_signs(source, axis_name, tie=tie), _F32)
+      direction = signs
+      if has_decay:
+        direction = jax.tree.map(lambda s, x: s + weight_decay * x, signs, x32)
+      return g32, x32, new_momentum, signs, direction
+
+    g32, x32, _, signs, direction = directions(updates, params, state.momentum)
+    num_params = sum(x.size for x in jax.tree.leaves(updates))
+
+    # Previous applied direction and its iterate difference Delta.
+    if keep_bits:
+      s_prev = _unpack_signs(state.sign_bits, state.nonzero_bits, updates)
+    elif not has_window:
+      s_prev = jax.tree.map(lambda g: _sign.tie_sign(g.astype(_F32), tie),
+                            state.grad_snapshot)
+    if has_window:
+      delta = state.window
+    elif has_decay:  # sign memory with decay: rebuild u_{t-1} from x_t.
+      shrink = 1.0 - gamma_prev * weight_decay
+      shrink = jnp.where(shrink > 0, shrink, 1.0)
+      delta = jax.tree.map(
+          lambda s, x: -gamma_prev * (s + weight_decay * x) / shrink,
+          s_prev, x32)
     else:
-      from optax_sign import _communication  # pylint: disable=g-import-not-at-top
-      signs = optax.tree.cast(
-          _communication.vote_signs(direction_src, axis_name, tie=tie), _F32)
-    g_s = _dot(updates, signs) if secant else zero
-    g_x = _dot(updates, params) if secant and has_decay else zero
-    g_delta, num, f0, g_s, g_x = jnp.unstack(_pmean(
-        jnp.stack([g_delta, num, f0, g_s, g_x]), axis_name))
+      delta = jax.tree.map(lambda s: -gamma_prev * s, s_prev)
+
+    # All local scalars in one pass; those of the gradient are averaged over
+    # workers in one pmean.
+    ref = prev_grads if prev_grads is not None else state.grad_snapshot
+    mult = lambda a, b: jax.tree.map(jnp.multiply, a, b)
+    terms = {}
+    if secant or not option2:
+      terms["g_delta"] = ("sum", mult(g32, delta))
+    if prev_grads is not None or full:
+      terms["num"] = ("sum", jax.tree.map(
+          lambda g, p: jnp.abs(g - p.astype(_F32)), g32, ref))
+    if secant or plain_sign:
+      terms["g_s"] = ("sum", mult(g32, signs))
+    if not plain_sign:
+      terms["u_inf"] = ("max", jax.tree.map(jnp.abs, direction))
+    if secant and has_decay:
+      terms["g_x"] = ("sum", mult(g32, x32))
+    if k > 1:
+      terms["den"] = ("max", jax.tree.map(jnp.abs, delta))
+    stats = dict(zip(terms, _global_reduce(list(terms.values()))))
+    if plain_sign:  # ||s_t||_inf from <g_t, tsign(g_t)> = ||g_t||_1.
+      moved = stats["g_s"] > 0 if tie == "zero" else num_params > 0
+      stats["u_inf"] = jnp.where(jnp.isnan(stats["g_s"]), jnp.nan,
+                                 jnp.where(moved, 1.0, 0.0))
+    # The new state is built from inputs tied to the scalars by a product with
+    # one (NaN if the direction has a NaN: the update is NaN then anyway), so
+    # XLA updates the donated state buffers in place after the reduction has
+    # read them instead of copying them first.
+    one = jnp.where(jnp.isnan(stats["u_inf"]), jnp.nan, 1.0)
+    updates, params, old_momentum, voted = jax.tree.map(
+        lambda x: x * one.astype(x.dtype),
+        (updates, params if has_decay else None, state.momentum,
+         None if axis_name is None else signs))
+    g32, x32, new_momentum, signs, direction = directions(
+        updates, params, old_momentum, voted)
+    zero = jnp.zeros([], _F32)
+    g_delta, num, f0, g_s, g_x = jnp.unstack(_pmean(jnp.stack(
+        [stats.get("g_delta", zero), stats.get("num", zero), f0,
+         stats["g_s"] if secant else zero, stats.get("g_x", zero)]),
+        axis_name))
 
     # 1. Option II distance from the first loss.
     f_diff = jnp.where(t == 0, jnp.maximum(f0 - f_lower, 0.0), state.f_diff)
 
     # 2. Smoothness sample and distance increment.
-    den = state.last_update_norm if k == 1 else _linf(delta)
+    den = state.last_update_norm if k == 1 else stats["den"]
     if not secant:
       l_hat = num / jnp.where(den > 0, den, 1.0)
     else:
@@ -379,22 +461,29 @@ def scale_by_alias(
       gamma = jnp.where(t < warmup_steps, jnp.asarray(warm, _F32), gamma)
     gamma = gamma.astype(_F32)
 
-    # 4-5. Update u_t = -gamma (s_t + wd x_t).
-    if has_decay:
-      u32 = jax.tree.map(
-          lambda s, x: -gamma * (s + weight_decay * x.astype(_F32)),
-          signs, params)
-      u_norm = gamma * _linf(jax.tree.map(
-          lambda s, x: s + weight_decay * x.astype(_F32), signs, params))
+    # 4-5. Update u_t = -gamma (s_t + wd x_t). With stored bits the update
+    # reads the new bits instead of the gradient; a NaN direction then makes
+    # the whole update NaN (it is never hidden).
+    sign_bits, nonzero_bits = state.sign_bits, state.nonzero_bits
+    if keep_bits:
+      sign_bits, nonzero_bits = _pack_signs(signs, tie)
+      applied = _unpack_signs(sign_bits, nonzero_bits, updates)
+      if has_decay:
+        applied = jax.tree.map(lambda s, x: s + weight_decay * x, applied,
+                               x32)
+      scale = jnp.where(jnp.isnan(stats["u_inf"]), jnp.nan, gamma)
     else:
-      u32 = jax.tree.map(lambda s: -gamma * s, signs)
-      u_norm = gamma * _linf(signs)
+      applied, scale = direction, gamma
+    u32 = jax.tree.map(lambda s: -scale * s, applied)
+    u_norm = gamma * stats["u_inf"]
     new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), u32, updates)
 
     # 6. Bookkeeping.
     snap = t % k == 0
     grad_snapshot = state.grad_snapshot
-    if full:
+    if full and k == 1:
+      grad_snapshot = optax.tree.cast(updates, state_dtype)
+    elif full:
       grad_snapshot = jax.tree.map(
           lambda g, old: jnp.where(snap, g.astype(state_dtype), old),
           updates, state.grad_snapshot)
@@ -402,9 +491,6 @@ def scale_by_alias(
     if has_window:
       window = jax.tree.map(lambda w, u: jnp.where(snap, 0.0, w) + u,
                             state.window, u32)
-    sign_bits, nonzero_bits = state.sign_bits, state.nonzero_bits
-    if keep_bits:
-      sign_bits, nonzero_bits = _pack_signs(signs, tie)
     last_inner = gamma * (g_s + weight_decay * g_x if has_decay else g_s)
     new_state = AliasState(
         count=optax.safe_increment(t),

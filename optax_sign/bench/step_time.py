@@ -1,10 +1,22 @@
 """Update-step time and state size of ALIAS vs optax baselines.
 
 Run ``python -m optax_sign.bench.step_time [--params 50e6] [--repeats 20]``.
-Every optimizer updates the same float32 pytree (a few large matrices) under
-``jit`` with donated parameters and state; times are medians over repeats and
-are reported as ratios to ``optax.lion`` and to a memory-copy floor
-(``params + 1``), all measured in one process on one device.
+
+Every optimizer is timed the same way: one ``jit`` of ``opt.update`` followed
+by ``optax.apply_updates`` (the timed region holds nothing else: the gradient
+is made once, outside), with parameters and state donated so the step can
+update them in place, two warm-up calls, and ``block_until_ready`` on the
+outputs. The optimizers are timed in turn within each repeat (round robin),
+so a change of machine load hits all of them alike; times are medians (and
+minima) over repeats, reported as ratios to ``optax.lion`` and to a
+memory-copy floor (``params + 1`` in place), all in one process on one device.
+
+Next to the times, two device-independent numbers from XLA's compiled step:
+the bytes it reads and writes per parameter (``cost_analysis``; a model of
+the passes: Lion must read g, m, p and write m, p, 20 B/param in float32) and
+the temporary buffer it allocates per parameter (``memory_analysis``; on CPU
+every fresh parameter-sized buffer costs page faults, often more than the
+arithmetic).
 """
 
 import argparse
@@ -39,20 +51,34 @@ def _optimizers():
   }
 
 
-def _time(fn, args, repeats):
-  args = fn(*args)
-  jax.block_until_ready(args)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    args = fn(*args)
-    jax.block_until_ready(args)
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+def _step_fn(opt):
+  """The jitted step ``(params, state, grads) -> (params, state)``."""
+  if opt is None:
+    return jax.jit(lambda p, s, g: (jax.tree.map(lambda x: x + 1.0, p), s),
+                   donate_argnums=(0,))
+
+  def step(p, s, g):
+    u, s = opt.update(g, s, p, value=jnp.float32(1.0))
+    return optax.apply_updates(p, u), s
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _compiled_stats(step, args, n):
+  """(bytes accessed per param, temporary bytes per param) of the step."""
+  compiled = step.lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  accessed = float((cost or {}).get("bytes accessed", float("nan")))
+  memory = compiled.memory_analysis()
+  temp = float(memory.temp_size_in_bytes) if memory is not None else float(
+      "nan")
+  return accessed / n, temp / n
 
 
 def main(argv=None) -> Dict[str, Dict[str, float]]:
-  """Prints a table and returns {name: {"ms", "vs_lion", "vs_copy", "bytes_per_param"}}."""
+  """Prints a table and returns, per optimizer, "ms" (median), "min_ms",
+  "vs_lion", "vs_copy", "bytes_per_param" (state), "accessed_per_param" and
+  "temp_per_param" (XLA's counts for the compiled step)."""
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--params", type=float, default=50e6)
   parser.add_argument("--repeats", type=int, default=20)
@@ -60,34 +86,42 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
   params = _tree(args.params)
   n = sum(x.size for x in jax.tree.leaves(params))
   grads = jax.tree.map(lambda x: 1e-3 * x + 1e-4, params)
-  results = {}
+  runs, results = {}, {}
   for name, opt in _optimizers().items():
-    if opt is None:
-      step = jax.jit(lambda p, s, g: (jax.tree.map(lambda x: x + 1.0, p), s),
-                     donate_argnums=(0,))
-      state, nbytes = (), 0
-    else:
-      def step(p, s, g, opt=opt):
-        u, s = opt.update(g, s, p, value=jnp.float32(1.0))
-        return optax.apply_updates(p, u), s
-      step = jax.jit(step, donate_argnums=(0, 1))
-      state = jax.tree.map(jnp.copy, opt.init(params))  # no shared buffers
-      nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    p = jax.tree.map(jnp.copy, params)
-    seconds = _time(lambda p, s: step(p, s, grads), (p, state), args.repeats)
-    results[name] = {"ms": 1e3 * seconds, "bytes_per_param": nbytes / n}
-    del p, state
+    step = _step_fn(opt)
+    state = () if opt is None else jax.tree.map(jnp.copy, opt.init(params))
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    carry = (jax.tree.map(jnp.copy, params), state)  # no shared buffers
+    accessed, temp = _compiled_stats(step, carry + (grads,), n)
+    for _ in range(2):  # compile and warm up
+      carry = step(*carry, grads)
+      jax.block_until_ready(carry)
+    runs[name] = [step, carry, []]
+    results[name] = {"bytes_per_param": nbytes / n,
+                     "accessed_per_param": accessed, "temp_per_param": temp}
+  for _ in range(args.repeats):
+    for run in runs.values():
+      step, carry, times = run
+      start = time.perf_counter()
+      carry = step(*carry, grads)
+      jax.block_until_ready(carry)
+      times.append(time.perf_counter() - start)
+      run[1] = carry
+  for name, (_, _, times) in runs.items():
+    results[name]["ms"] = 1e3 * float(np.median(times))
+    results[name]["min_ms"] = 1e3 * float(np.min(times))
   for r in results.values():
     r["vs_lion"] = r["ms"] / results["optax.lion"]["ms"]
     r["vs_copy"] = r["ms"] / results["copy floor"]["ms"]
   device = jax.devices()[0].device_kind
   print(f"update step, {n / 1e6:.1f}M float32 params, {device}, "
-        f"median of {args.repeats}")
-  print(f"{'optimizer':40s} {'ms':>9s} {'x lion':>8s} {'x copy':>8s} "
-        f"{'state B/param':>14s}")
+        f"median (min) of {args.repeats} round-robin repeats")
+  print(f"{'optimizer':37s} {'ms':>8s} {'(min)':>8s} {'x lion':>7s} "
+        f"{'x copy':>7s} {'state B/p':>10s} {'XLA B/p':>8s} {'temp B/p':>9s}")
   for name, r in results.items():
-    print(f"{name:40s} {r['ms']:9.2f} {r['vs_lion']:8.2f} {r['vs_copy']:8.2f} "
-          f"{r['bytes_per_param']:14.3f}")
+    print(f"{name:37s} {r['ms']:8.2f} {r['min_ms']:8.2f} {r['vs_lion']:7.2f} "
+          f"{r['vs_copy']:7.2f} {r['bytes_per_param']:10.3f} "
+          f"{r['accessed_per_param']:8.2f} {r['temp_per_param']:9.2f}")
   return results
 
 
