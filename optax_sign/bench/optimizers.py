@@ -92,6 +92,16 @@ def _data_parallel(make: Callable[[float], optax.GradientTransformation]):
 
 LOCAL_SYNC_EVERY = 8
 
+def _local_entry(name: str, preset: str, what: str) -> "Entry":
+  """A local-steps preset of optax_sign, synchronising every few steps."""
+  return Entry(
+      name, f"{what} every {LOCAL_SYNC_EVERY} steps",
+      lambda lr, ctx: _os(preset)(lr, sync_every=LOCAL_SYNC_EVERY,
+                                  axis_name=ctx.axis_name),
+      1e-3, requires=(preset,), multi_worker=True,
+      sync_every=LOCAL_SYNC_EVERY)
+
+
 _ENTRIES = (
     # optax baselines (one worker).
     Entry("sgd", "optax.sgd", lambda lr, ctx: optax.sgd(lr), 1e-1),
@@ -165,30 +175,11 @@ _ENTRIES = (
           lambda lr, ctx: _os("alias_sign_sgd")(axis_name=ctx.axis_name),
           requires=("alias_sign_sgd", "majority_vote", "alias_previous_params"),
           multi_worker=True, same_batch=True),
-    Entry("dsm_ls", f"DSM-LS: local AdamW, global sign momentum every "
-          f"{LOCAL_SYNC_EVERY} steps",
-          lambda lr, ctx: _os("dsm_ls")(lr, sync_every=LOCAL_SYNC_EVERY,
-                                        axis_name=ctx.axis_name),
-          1e-3, requires=("dsm_ls",), multi_worker=True,
-          sync_every=LOCAL_SYNC_EVERY),
-    Entry("diloco", f"DiLoCo: local AdamW, Nesterov outer step every "
-          f"{LOCAL_SYNC_EVERY} steps",
-          lambda lr, ctx: _os("diloco")(lr, sync_every=LOCAL_SYNC_EVERY,
-                                        axis_name=ctx.axis_name),
-          1e-3, requires=("diloco",), multi_worker=True,
-          sync_every=LOCAL_SYNC_EVERY),
-    Entry("slowmo", f"SlowMo: local AdamW, slow momentum every "
-          f"{LOCAL_SYNC_EVERY} steps",
-          lambda lr, ctx: _os("slowmo")(lr, sync_every=LOCAL_SYNC_EVERY,
-                                        axis_name=ctx.axis_name),
-          1e-3, requires=("slowmo",), multi_worker=True,
-          sync_every=LOCAL_SYNC_EVERY),
-    Entry("local_adamw", f"Local AdamW: model averaging every "
-          f"{LOCAL_SYNC_EVERY} steps",
-          lambda lr, ctx: _os("model_averaging")(
-              lr, sync_every=LOCAL_SYNC_EVERY, axis_name=ctx.axis_name),
-          1e-3, requires=("model_averaging",), multi_worker=True,
-          sync_every=LOCAL_SYNC_EVERY),
+    _local_entry("dsm_ls", "dsm_ls", "DSM-LS: local AdamW, global sign momentum"),
+    _local_entry("diloco", "diloco", "DiLoCo: local AdamW, Nesterov outer step"),
+    _local_entry("slowmo", "slowmo", "SlowMo: local AdamW, slow momentum"),
+    _local_entry("local_adamw", "model_averaging",
+                 "Local AdamW: model averaging"),
 )
 
 REGISTRY = {e.name: e for e in _ENTRIES}
