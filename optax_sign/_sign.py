@@ -105,7 +105,10 @@ def scale_by_randomized_sign(
 
   so :math:`\mathbb{E}[u] = g / R` whenever :math:`\|g\|_\infty \le R`.
   The key lives in the state and is split on every call: repeated calls give
-  fresh samples, and workers holding equal keys draw equal samples.
+  fresh samples, and workers holding equal keys draw equal samples. That is
+  what a replicated step needs (the outer step of DSM-LS); before a vote, where
+  each worker should draw independently, give each worker its own key, e.g.
+  ``jax.random.fold_in(key, lax.axis_index(axis))`` when building the state.
 
   Args:
     key: a JAX PRNG key (``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``).

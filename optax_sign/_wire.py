@@ -69,11 +69,13 @@ class CommunicationReport:
 
 
 def _itemsize(dtype: str) -> float:
+  """Bytes per element of an HLO type: pred, s8, u8, bf16, f32, f8e4m3fn..."""
   if dtype == "pred":
     return 1.0
-  kind, bits = re.fullmatch(r"([a-z]+)(\d+)", dtype).groups()
-  del kind
-  return int(bits) / 8
+  match = re.match(r"[a-z]+(\d+)", dtype)
+  if match is None:
+    raise ValueError(f"unknown HLO element type {dtype!r}")
+  return int(match.group(1)) / 8
 
 
 def _arrays(shape_text: str) -> List[Tuple[str, Tuple[int, ...]]]:
@@ -153,6 +155,11 @@ def communication_bytes(fn: Callable[..., Any], *args: Any,
   Returns:
     A :class:`CommunicationReport`: every collective with its op, dtype,
     shape, group size and bytes sent per worker, and their total.
+
+  Each collective is priced once per appearance in the program text: one
+  inside a loop body counts once, not once per iteration, and the branches of
+  a ``lax.cond`` are all counted although one runs. Price a step function, and
+  a conditional step (such as a local-steps sync) per branch.
 
   Example:
     >>> report = communication_bytes(train_step, params, batch)

@@ -98,3 +98,10 @@ def test_wire_benchmark_table_agrees_with_formulas():
     assert row["hlo"] == pytest.approx(row["formula"]), row
   table = wire.format_table(rows)
   assert "auto (alltoall)" in table and "fp32 pmean" in table
+
+
+def test_wire_parser_prices_narrow_float_types():
+  text = ("  %ag = f8e4m3fn[64]{0} all-gather(f8e4m3fn[16]{0} %q), "
+          "replica_groups={{0,1,2,3}}, dimensions={0}")
+  [coll] = _wire.parse_collectives(text).collectives
+  assert (coll.dtype, coll.bytes_sent) == ("f8e4m3fn", 3 * 16)
