@@ -95,10 +95,7 @@ def list_optimizers() -> str:
       if e.multi_worker != multi:
         continue
       lr = f"lr {e.default_lr:g}" if e.tunable else "parameter-free"
-      status = "" if e.available else (
-          "  [unavailable: needs optax_sign." + ", optax_sign.".join(e.missing)
-          + "]")
-      lines.append(f"  {e.name:14s} {lr:15s} {e.description}{status}")
+      lines.append(f"  {e.name:14s} {lr:15s} {e.description}")
   return "\n".join(lines)
 
 
@@ -107,7 +104,7 @@ def _fail(message: str):
 
 
 def _select(args, multi: bool):
-  """(entries to run at one lr, entries to grid-tune, messages, lr by name)."""
+  """(entries to run at one lr, entries to grid-tune, lr by name)."""
   names = args.optimizers
   if names is None:
     names = opt_lib.DEFAULT_MULTI if multi else opt_lib.DEFAULT_SINGLE
@@ -115,8 +112,8 @@ def _select(args, multi: bool):
   if grid is None:
     grid = () if multi else opt_lib.DEFAULT_GRID
   try:
-    plain, skipped = opt_lib.available(names)
-    tuned, skipped_grid = opt_lib.available(grid)
+    plain = [opt_lib.lookup(name) for name in names]
+    tuned = [opt_lib.lookup(name) for name in grid]
     selected = {opt_lib.lookup(name).name for name in names}
     lrs = {opt_lib.lookup(name).name: lr for name, lr in args.lr}
   except ValueError as e:
@@ -138,7 +135,7 @@ def _select(args, multi: bool):
   for e in tuned:
     if not e.tunable:
       _fail(f"--grid {e.name}: it is parameter-free (no learning rate)")
-  return plain, tuned, skipped + skipped_grid, lrs
+  return plain, tuned, lrs
 
 
 def run_task(args, name: str, plain, tuned, mesh, lrs: dict, out: str):
@@ -222,11 +219,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if multi:
     from optax_sign.bench import distributed  # pylint: disable=g-import-not-at-top
     distributed.request_devices(args.workers)
-  plain, tuned, skipped, lrs = _select(args, multi)
-  for message in skipped:
-    print(message, file=sys.stderr)
+  plain, tuned, lrs = _select(args, multi)
   if not plain and not tuned:
-    _fail("no optimizer left to run")
+    _fail("no optimizer to run (name some with --optimizers or --grid)")
   try:
     os.makedirs(args.out, exist_ok=True)
   except OSError as e:
@@ -245,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows, grids, task = run_task(args, name, plain, tuned, mesh, lrs,
                                  args.out)
     results[name] = {"description": task.description,
-                     "num_params": task.num_params, "skipped": skipped,
+                     "num_params": task.num_params,
                      **report.to_dict(rows, grids)}
   config = {k: v for k, v in vars(args).items() if k != "list"}
   config["lr"] = lrs

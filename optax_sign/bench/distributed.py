@@ -7,16 +7,20 @@ own (no hidden full-precision all-reduce, see DESIGN.md "the shard_map gradient
 trap"). Each worker draws its own mini-batch (the step key is folded with the
 worker index). Only the optimizer communicates, so the collectives in the
 compiled step are exactly the optimizer's; their bytes come from
-``optax_sign``'s ``communication_bytes`` when the installation has it.
+:func:`optax_sign.communication_bytes`. Local-steps methods are evaluated at
+their anchor (:func:`optax_sign.local_steps_anchor`), the others at worker 0's
+parameters.
 """
 
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+
+import optax_sign
 
 from optax_sign.bench import optimizers as opt_lib
 from optax_sign.bench import runner
@@ -46,35 +50,15 @@ def make_mesh(n: int) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(devices[:n]), (AXIS,))
 
 
-def step_bytes(step: Callable, compiled, *args) -> Optional[float]:
-  """Bytes one worker sends in one call of ``step`` (None if not countable).
+def step_bytes(compiled: jax.stages.Compiled) -> float:
+  """Bytes one worker sends in one call of the ``compiled`` step.
 
-  Uses optax_sign's HLO accounting: the already compiled text when the
-  parser is available (no second compilation), else
-  ``optax_sign.communication_bytes(step, *args)``.
+  The accounting of :func:`optax_sign.communication_bytes`, applied to the
+  text of the step already compiled (a second compilation would double the
+  set-up time of every multi-worker run).
   """
-  import optax_sign  # pylint: disable=g-import-not-at-top
-  try:
-    from optax_sign import _wire  # pylint: disable=g-import-not-at-top
-    return float(_wire.parse_collectives(compiled.as_text()).total_bytes)
-  except (ImportError, AttributeError):
-    pass
-  count = getattr(optax_sign, "communication_bytes", None)
-  if count is None:
-    return None
-  return float(count(step, *args).total_bytes)
-
-
-def _anchor(state):
-  """The local-steps anchor in ``state`` (the model to evaluate), or None."""
-  import optax_sign  # pylint: disable=g-import-not-at-top
-  get = getattr(optax_sign, "local_steps_anchor", None)
-  if get is None:
-    return None
-  try:
-    return get(state)
-  except (KeyError, ValueError, TypeError):
-    return None
+  report = optax_sign._wire.parse_collectives(compiled.as_text())  # pylint: disable=protected-access
+  return float(report.total_bytes)
 
 
 def multi_worker_stepper(task: task_lib.Task, entry: opt_lib.Entry,
@@ -122,13 +106,14 @@ def multi_worker_stepper(task: task_lib.Task, entry: opt_lib.Entry,
   # The first call of an executable pays one-off costs: keep them out of the
   # timed runs.
   jax.block_until_ready(compiled(params, state, data, jax.random.key(0)))
-  per_step = step_bytes(step, compiled, params, state, data, key)
+  per_step = step_bytes(compiled)
   evaluate = jax.jit(task.eval_loss)
   held_out = runner.held_out_metrics(task)
 
   def model(params, state):
-    anchor = _anchor(state)
-    return first(params) if anchor is None else first(anchor)
+    if entry.local_steps:
+      return first(optax_sign.local_steps_anchor(state))
+    return first(params)
 
   return runner.Stepper(
       init, compiled, data,

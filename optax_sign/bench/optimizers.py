@@ -2,16 +2,15 @@
 
 Each entry builds an optax transformation from a learning rate (``None`` for
 parameter-free methods) and a :class:`Context` (axis name, step budget, the
-task's loss lower bound). optax_sign functions are looked up on the package at
-run time, so an entry whose function is not in the installed version is listed
-as unavailable (with the missing name) instead of breaking the registry.
+task's loss lower bound). The optax_sign functions are taken from the package
+when this module is imported, so a missing export fails the import.
 
 Single-worker entries run with ``--workers 1``; multi-worker entries need
 ``--workers N`` with N >= 2 and communicate over the axis ``workers``.
 """
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -41,9 +40,10 @@ class Entry:
     build: ``build(learning_rate, context) -> GradientTransformation``.
     default_lr: the learning rate used without ``--grid`` or ``--lr``; None
       for parameter-free methods (they take no learning rate).
-    requires: names that must exist on the ``optax_sign`` module.
     multi_worker: True for entries that communicate over ``Context.axis_name``.
     sync_every: communication interval in steps (local-steps methods).
+    local_steps: a local-steps method: the model to evaluate is
+      ``optax_sign.local_steps_anchor(state)``, not the local parameters.
     same_batch: the step also evaluates the current batch's gradient at
       ``optax_sign.alias_previous_params`` and passes it as ``prev_grads=``
       (ALIAS's same-batch smoothness estimator; one extra gradient per step).
@@ -52,27 +52,14 @@ class Entry:
   description: str
   build: Callable[[Optional[float], Context], optax.GradientTransformation]
   default_lr: Optional[float] = None
-  requires: tuple = ()
   multi_worker: bool = False
   sync_every: int = 1
+  local_steps: bool = False
   same_batch: bool = False
-
-  @property
-  def missing(self) -> tuple:
-    """The required optax_sign names this installation lacks."""
-    return tuple(n for n in self.requires if not hasattr(optax_sign, n))
-
-  @property
-  def available(self) -> bool:
-    return not self.missing
 
   @property
   def tunable(self) -> bool:
     return self.default_lr is not None
-
-
-def _os(name: str):
-  return getattr(optax_sign, name)
 
 
 def pmean_gradients(axis_name: str) -> optax.GradientTransformationExtraArgs:
@@ -90,18 +77,60 @@ def _data_parallel(make: Callable[[float], optax.GradientTransformation]):
   return lambda lr, ctx: optax.chain(pmean_gradients(ctx.axis_name), make(lr))
 
 
+def _with_lr(make: Callable[[float], optax.GradientTransformation]):
+  """The builder ``make(learning_rate)``."""
+  return lambda lr, ctx: make(lr)
+
+
+def _scaled(direction: Callable[..., optax.GradientTransformation],
+            collective: bool = False):
+  """The builder ``chain(direction(), scale_by_learning_rate(lr))``.
+
+  A collective direction is called with the context's axis name.
+  """
+  def build(lr, ctx):
+    args = (ctx.axis_name,) if collective else ()
+    return optax.chain(direction(*args), optax.scale_by_learning_rate(lr))
+  return build
+
+
+def _alias_entry(name: str, description: str, *, lower_bound: bool = False,
+                 multi_worker: bool = False, same_batch: bool = False,
+                 **options) -> Entry:
+  """An ``optax_sign.alias_sign_sgd(**options)`` entry (parameter-free).
+
+  ``lower_bound`` selects Option II with the task's loss lower bound;
+  multi-worker entries vote over the context's axis.
+  """
+  make = optax_sign.alias_sign_sgd
+
+  def build(lr, ctx):
+    del lr
+    kwargs = dict(options)
+    if lower_bound:
+      kwargs.update(distance="lower_bound", f_lower=ctx.f_lower)
+    if multi_worker:
+      kwargs["axis_name"] = ctx.axis_name
+    return make(**kwargs)
+
+  return Entry(name, description, build, multi_worker=multi_worker,
+               same_batch=same_batch)
+
+
 LOCAL_SYNC_EVERY = 8
 
-def _local_entry(name: str, preset: str, what: str) -> "Entry":
+def _local_entry(name: str, preset: Callable[..., optax.GradientTransformation],
+                 what: str) -> Entry:
   """A local-steps preset of optax_sign, synchronising every few steps."""
   return Entry(
       name, f"{what} every {LOCAL_SYNC_EVERY} steps",
-      lambda lr, ctx: _os(preset)(lr, sync_every=LOCAL_SYNC_EVERY,
-                                  axis_name=ctx.axis_name),
-      1e-3, requires=(preset,), multi_worker=True,
-      sync_every=LOCAL_SYNC_EVERY)
+      lambda lr, ctx: preset(lr, sync_every=LOCAL_SYNC_EVERY,
+                             axis_name=ctx.axis_name),
+      1e-3, multi_worker=True, sync_every=LOCAL_SYNC_EVERY, local_steps=True)
 
 
+# optax_sign functions are read from the package here, when the registry is
+# built: a missing or renamed export fails at import, not during a run.
 _ENTRIES = (
     # optax baselines (one worker).
     Entry("sgd", "optax.sgd", lambda lr, ctx: optax.sgd(lr), 1e-1),
@@ -119,40 +148,28 @@ _ENTRIES = (
           "(parameter-free)",
           lambda lr, ctx: contrib.mechanize(optax.sign_sgd(1.0))),
     # optax_sign (one worker).
-    Entry("alias", "optax_sign.alias_sign_sgd() (parameter-free, Option I)",
-          lambda lr, ctx: _os("alias_sign_sgd")(),
-          requires=("alias_sign_sgd",)),
-    Entry("alias_lb", "optax_sign.alias_sign_sgd(distance='lower_bound', "
-          "f_lower=task bound) (parameter-free, Option II, uses value=)",
-          lambda lr, ctx: _os("alias_sign_sgd")(distance="lower_bound",
-                                                f_lower=ctx.f_lower),
-          requires=("alias_sign_sgd",)),
-    Entry("alias_sign", "optax_sign.alias_sign_sgd(memory='sign', "
-          "tie='positive') (parameter-free, 1 bit of memory per parameter)",
-          lambda lr, ctx: _os("alias_sign_sgd")(memory="sign", tie="positive"),
-          requires=("alias_sign_sgd",)),
-    Entry("alias_sb", "optax_sign.alias_sign_sgd() with the same-batch "
-          "estimator (prev_grads=; 2 gradients per step)",
-          lambda lr, ctx: _os("alias_sign_sgd")(),
-          requires=("alias_sign_sgd", "alias_previous_params"),
-          same_batch=True),
-    Entry("alias_lb_sb", "alias_lb with the same-batch estimator "
-          "(prev_grads=; 2 gradients per step)",
-          lambda lr, ctx: _os("alias_sign_sgd")(distance="lower_bound",
-                                                f_lower=ctx.f_lower),
-          requires=("alias_sign_sgd", "alias_previous_params"),
-          same_batch=True),
+    _alias_entry("alias",
+                 "optax_sign.alias_sign_sgd() (parameter-free, Option I)"),
+    _alias_entry("alias_lb", "optax_sign.alias_sign_sgd(distance='lower_bound'"
+                 ", f_lower=task bound) (parameter-free, Option II, uses "
+                 "value=)", lower_bound=True),
+    _alias_entry("alias_sign", "optax_sign.alias_sign_sgd(memory='sign', "
+                 "tie='positive') (parameter-free, 1 bit of memory per "
+                 "parameter)", memory="sign", tie="positive"),
+    _alias_entry("alias_sb", "optax_sign.alias_sign_sgd() with the same-batch "
+                 "estimator (prev_grads=; 2 gradients per step)",
+                 same_batch=True),
+    _alias_entry("alias_lb_sb", "alias_lb with the same-batch estimator "
+                 "(prev_grads=; 2 gradients per step)", lower_bound=True,
+                 same_batch=True),
     Entry("os_sign_sgd", "optax_sign.sign_sgd",
-          lambda lr, ctx: _os("sign_sgd")(lr), 1e-2, requires=("sign_sgd",)),
-    Entry("os_signum", "optax_sign.signum",
-          lambda lr, ctx: _os("signum")(lr), 1e-3, requires=("signum",)),
-    Entry("os_lion", "optax_sign.lion_like",
-          lambda lr, ctx: _os("lion_like")(lr), 1e-4, requires=("lion_like",)),
+          _with_lr(optax_sign.sign_sgd), 1e-2),
+    Entry("os_signum", "optax_sign.signum", _with_lr(optax_sign.signum), 1e-3),
+    Entry("os_lion", "optax_sign.lion_like", _with_lr(optax_sign.lion_like),
+          1e-4),
     Entry("ef_sign_sgd", "chain(optax_sign.scale_by_error_feedback_sign(), "
           "scale_by_learning_rate)",
-          lambda lr, ctx: optax.chain(_os("scale_by_error_feedback_sign")(),
-                                      optax.scale_by_learning_rate(lr)),
-          1e-2, requires=("scale_by_error_feedback_sign",)),
+          _scaled(optax_sign.scale_by_error_feedback_sign), 1e-2),
     # Multi-worker (axis "workers").
     Entry("dp_sgd", "data-parallel SGD: fp32 pmean of gradients, optax.sgd",
           _data_parallel(optax.sgd), 1e-1, multi_worker=True),
@@ -162,23 +179,20 @@ _ENTRIES = (
           _data_parallel(optax.sign_sgd), 1e-2, multi_worker=True),
     Entry("majority_vote", "Sign-SGD with majority vote "
           "(optax_sign.majority_vote, transport 'auto')",
-          lambda lr, ctx: optax.chain(
-              _os("majority_vote")(ctx.axis_name),
-              optax.scale_by_learning_rate(lr)),
-          1e-2, requires=("majority_vote",), multi_worker=True),
-    Entry("alias_mv", "multi-node ALIAS: majority vote with a common "
-          "parameter-free stepsize",
-          lambda lr, ctx: _os("alias_sign_sgd")(axis_name=ctx.axis_name),
-          requires=("alias_sign_sgd", "majority_vote"), multi_worker=True),
-    Entry("alias_mv_sb", "alias_mv with the same-batch estimator "
-          "(prev_grads=; 2 gradients per step)",
-          lambda lr, ctx: _os("alias_sign_sgd")(axis_name=ctx.axis_name),
-          requires=("alias_sign_sgd", "majority_vote", "alias_previous_params"),
-          multi_worker=True, same_batch=True),
-    _local_entry("dsm_ls", "dsm_ls", "DSM-LS: local AdamW, global sign momentum"),
-    _local_entry("diloco", "diloco", "DiLoCo: local AdamW, Nesterov outer step"),
-    _local_entry("slowmo", "slowmo", "SlowMo: local AdamW, slow momentum"),
-    _local_entry("local_adamw", "model_averaging",
+          _scaled(optax_sign.majority_vote, collective=True), 1e-2,
+          multi_worker=True),
+    _alias_entry("alias_mv", "multi-node ALIAS: majority vote with a common "
+                 "parameter-free stepsize", multi_worker=True),
+    _alias_entry("alias_mv_sb", "alias_mv with the same-batch estimator "
+                 "(prev_grads=; 2 gradients per step)", multi_worker=True,
+                 same_batch=True),
+    _local_entry("dsm_ls", optax_sign.dsm_ls,
+                 "DSM-LS: local AdamW, global sign momentum"),
+    _local_entry("diloco", optax_sign.diloco,
+                 "DiLoCo: local AdamW, Nesterov outer step"),
+    _local_entry("slowmo", optax_sign.slowmo,
+                 "SlowMo: local AdamW, slow momentum"),
+    _local_entry("local_adamw", optax_sign.model_averaging,
                  "Local AdamW: model averaging"),
 )
 
@@ -219,10 +233,6 @@ def build(entry: Entry, learning_rate: Optional[float], context: Context
   (``optax.inject_hyperparams``), so the runs of a grid share one compiled
   step; change it with :func:`set_learning_rate`.
   """
-  if entry.missing:
-    raise ValueError(f"optimizer {entry.name!r} needs optax_sign."
-                     f"{', optax_sign.'.join(entry.missing)}, which this "
-                     "installation lacks")
   if entry.tunable:
     tx = optax.inject_hyperparams(
         lambda learning_rate: entry.build(learning_rate, context))(
@@ -244,16 +254,3 @@ def set_learning_rate(state, learning_rate: float):
       new, sharding)  # keep the placement the compiled step expects
   return state
 
-
-def available(names: Sequence[str]) -> tuple:
-  """(usable entries, messages about skipped ones)."""
-  usable, skipped = [], []
-  for name in names:
-    entry = lookup(name)
-    if entry.available:
-      usable.append(entry)
-    else:
-      skipped.append(f"skipping {entry.name!r}: optax_sign."
-                     f"{', optax_sign.'.join(entry.missing)} is not available "
-                     "in this installation")
-  return usable, skipped
