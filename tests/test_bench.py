@@ -243,7 +243,7 @@ def test_every_entry_builds():
       assert updates["w"].shape == (3,), entry.name
     assert np.all(np.isfinite(updates["w"])), entry.name
   local = {e.name for e in opt_lib.REGISTRY.values() if e.local_steps}
-  assert local == {"dsm_ls", "diloco", "slowmo", "local_adamw"}
+  assert local == {"dsm_ls", "dsm_ls_rand", "diloco", "slowmo", "local_adamw"}
 
 
 def test_every_single_worker_entry_takes_a_step():
@@ -354,3 +354,57 @@ def test_lr_override_reaches_the_run(capsys, tmp_path):
   assert results["config"]["lr"] == {"sgd": 0.0123}
   run = results["results"]["logreg"]["rows"][0]["run"]
   assert run["learning_rate"] == 0.0123
+
+
+def test_registry_covers_every_optax_sign_optimizer():
+  """The issue-6 registry lists each optax_sign optimizer, on the right side."""
+  single = {"alias", "alias_sign", "alias_released", "alias_momentum",
+            "os_sign_sgd", "os_signum", "os_lion", "ef_sign_sgd"}
+  multi = {"majority_vote", "mean_of_signs", "ef_mean_signs", "alias_mv",
+           "alias_mv_sign", "alias_mv_rel", "dsm_ls", "dsm_ls_rand"}
+  for name in single | multi:
+    assert opt_lib.lookup(name).multi_worker == (name in multi), name
+  assert opt_lib.lookup("alias_momentum").tunable
+  assert not opt_lib.lookup("alias_mv_rel").tunable
+
+
+def test_alias_released_warmup_follows_the_run_length():
+  """alias_released warms up over 10% of Context.steps, so steps matter."""
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"w": jnp.array([0.5, -1.0, 0.25])}
+  entry = opt_lib.lookup("alias_released")
+
+  def second_update(steps):
+    tx = opt_lib.build(entry, None, opt_lib.Context(steps=steps))
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+    updates, _ = tx.update(grads, state, params, value=jnp.float32(0.9))
+    return np.asarray(updates["w"])
+
+  short, long = second_update(20), second_update(2000)
+  assert np.all(np.isfinite(short)) and np.all(np.isfinite(long))
+  # Warmup over 2 steps reaches a larger stepsize than over 200 steps.
+  assert np.all(np.abs(short) > np.abs(long))
+
+
+def test_multi_worker_sign_entries_agree_across_workers():
+  """mean_of_signs, ef_mean_signs and alias_mv_sign give every worker the
+  same update; mean_of_signs is lr times the mean of the workers' signs."""
+  grads = {"w": jnp.array([[0.5, -1.0, 0.25], [0.5, 1.0, -0.25],
+                           [0.5, 1.0, 0.25]])}
+  params = {"w": jnp.zeros((3, 3))}
+  context = opt_lib.Context(axis_name=opt_lib.AXIS, steps=10)
+  for name in ("mean_of_signs", "ef_mean_signs", "alias_mv_sign"):
+    entry = opt_lib.lookup(name)
+    tx = opt_lib.build(entry, entry.default_lr, context)
+
+    def step(p, g, tx=tx):
+      return tx.update(g, tx.init(p), p, value=jnp.float32(1.0))[0]
+
+    out = np.asarray(
+        jax.vmap(step, axis_name=opt_lib.AXIS)(params, grads)["w"])
+    np.testing.assert_allclose(out, np.broadcast_to(out[0], out.shape),
+                               err_msg=name)
+    if name == "mean_of_signs":
+      np.testing.assert_allclose(out[0], -0.01 * np.array([1.0, 1 / 3, 1 / 3]),
+                                 rtol=1e-6)

@@ -86,31 +86,39 @@ def _scaled(direction: Callable[..., optax.GradientTransformation],
             collective: bool = False):
   """The builder ``chain(direction(), scale_by_learning_rate(lr))``.
 
-  A collective direction is called with the context's axis name.
+  A collective direction is called with ``axis_name=`` the context's axis.
   """
   def build(lr, ctx):
-    args = (ctx.axis_name,) if collective else ()
-    return optax.chain(direction(*args), optax.scale_by_learning_rate(lr))
+    kwargs = {"axis_name": ctx.axis_name} if collective else {}
+    return optax.chain(direction(**kwargs), optax.scale_by_learning_rate(lr))
   return build
 
 
 def _alias_entry(name: str, description: str, *, lower_bound: bool = False,
                  multi_worker: bool = False, same_batch: bool = False,
-                 **options) -> Entry:
+                 released: bool = False, **options) -> Entry:
   """An ``optax_sign.alias_sign_sgd(**options)`` entry (parameter-free).
 
   ``lower_bound`` selects Option II with the task's loss lower bound;
-  multi-worker entries vote over the context's axis.
+  multi-worker entries vote over the context's axis. ``released`` builds
+  ``chain(clip_by_global_norm(1), alias_sign_sgd_released(total_steps=the
+  run's steps, f_lower=the task's bound, **options))`` instead, the released
+  code's configuration as its docstring gives it.
   """
   make = optax_sign.alias_sign_sgd
+  make_released = optax_sign.alias_sign_sgd_released
 
   def build(lr, ctx):
     del lr
     kwargs = dict(options)
-    if lower_bound:
-      kwargs.update(distance="lower_bound", f_lower=ctx.f_lower)
     if multi_worker:
       kwargs["axis_name"] = ctx.axis_name
+    if released:
+      return optax.chain(
+          optax.clip_by_global_norm(1.0),
+          make_released(total_steps=ctx.steps, f_lower=ctx.f_lower, **kwargs))
+    if lower_bound:
+      kwargs.update(distance="lower_bound", f_lower=ctx.f_lower)
     return make(**kwargs)
 
   return Entry(name, description, build, multi_worker=multi_worker,
@@ -118,6 +126,14 @@ def _alias_entry(name: str, description: str, *, lower_bound: bool = False,
 
 
 LOCAL_SYNC_EVERY = 8
+RANDOMIZED_SIGN_SEED = 0  # the same key on every worker, as DSM-LS needs
+
+
+def _dsm_ls_randomized(learning_rate, **kwargs):
+  """DSM-LS with the randomized sign; the key is made when the run builds it."""
+  return optax_sign.dsm_ls(
+      learning_rate, key=jax.random.key(RANDOMIZED_SIGN_SEED), **kwargs)
+
 
 def _local_entry(name: str, preset: Callable[..., optax.GradientTransformation],
                  what: str) -> Entry:
@@ -170,6 +186,14 @@ _ENTRIES = (
     Entry("ef_sign_sgd", "chain(optax_sign.scale_by_error_feedback_sign(), "
           "scale_by_learning_rate)",
           _scaled(optax_sign.scale_by_error_feedback_sign), 1e-2),
+    _alias_entry("alias_released", "chain(clip_by_global_norm(1), optax_sign."
+                 "alias_sign_sgd_released(total_steps=run steps, f_lower=task "
+                 "bound)) (parameter-free, capped at 1e-3, uses value=)",
+                 released=True),
+    Entry("alias_momentum", "optax_sign.scale_by_alias_momentum(learning_rate"
+          "=lr, d0=1) (experimental Adam-like ALIAS; emits the final update)",
+          _with_lr(lambda lr: optax_sign.scale_by_alias_momentum(
+              learning_rate=lr, d0=1.0)), 1e-2),
     # Multi-worker (axis "workers").
     Entry("dp_sgd", "data-parallel SGD: fp32 pmean of gradients, optax.sgd",
           _data_parallel(optax.sgd), 1e-1, multi_worker=True),
@@ -186,8 +210,24 @@ _ENTRIES = (
     _alias_entry("alias_mv_sb", "alias_mv with the same-batch estimator "
                  "(prev_grads=; 2 gradients per step)", multi_worker=True,
                  same_batch=True),
+    _alias_entry("alias_mv_sign", "multi-node ALIAS with 1 bit of memory "
+                 "(memory='sign', tie='positive')", multi_worker=True,
+                 memory="sign", tie="positive"),
+    _alias_entry("alias_mv_rel", "alias_released with majority vote "
+                 "across workers", multi_worker=True, released=True),
+    Entry("mean_of_signs", "mean of the workers' signs "
+          "(optax_sign.mean_of_signs, transport 'auto'), then the lr",
+          _scaled(optax_sign.mean_of_signs, collective=True), 1e-2,
+          multi_worker=True),
+    Entry("ef_mean_signs", "error feedback across workers: chain(optax_sign."
+          "scale_by_error_feedback_sign(axis_name), scale_by_learning_rate)",
+          _scaled(optax_sign.scale_by_error_feedback_sign, collective=True),
+          1.0, multi_worker=True),  # best of a 1e-4..1 grid on logreg and mlp
     _local_entry("dsm_ls", optax_sign.dsm_ls,
                  "DSM-LS: local AdamW, global sign momentum"),
+    _local_entry("dsm_ls_rand", _dsm_ls_randomized,
+                 "DSM-LS with the randomized sign (key seed "
+                 f"{RANDOMIZED_SIGN_SEED}): local AdamW, global sign momentum"),
     _local_entry("diloco", optax_sign.diloco,
                  "DiLoCo: local AdamW, Nesterov outer step"),
     _local_entry("slowmo", optax_sign.slowmo,
