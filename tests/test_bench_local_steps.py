@@ -93,3 +93,34 @@ def test_dsm_ls_wiring_uses_the_inner_schedule_and_decays_once():
 def test_steps_must_end_on_a_sync():
   with pytest.raises(SystemExit, match="multiple of --tau"):
     local_steps.main(["--tiny", "--steps", "6", "--tau", "4"])
+
+
+def test_seeds_are_summarized_as_mean_and_std(capsys, tmp_path):
+  results = local_steps.main([
+      "--tiny", "--no-progress", "--out", str(tmp_path), "--methods", "adamw",
+      "averaging", "--adamw-lr", "3e-3", "1e-2", "--seeds", "0", "1"])
+  stdout = capsys.readouterr().out
+  runs, summary = results["runs"], results["summary"]
+  assert [(r["method"], r["seed"]) for r in runs] == [
+      ("adamw", 0), ("adamw", 0), ("averaging", 0),
+      ("adamw", 1), ("adamw", 1), ("averaging", 1)]
+  # Different seeds: different initial models and data, so different losses.
+  assert runs[0]["val_loss"][0] != runs[3]["val_loss"][0]
+  assert runs[0]["final_val_loss"] != runs[3]["final_val_loss"]
+  # The AdamW learning rate sweep reaches the runs.
+  assert [r["hparams"] for r in runs[:2]] == [{"lr": 3e-3}, {"lr": 1e-2}]
+  assert runs[0]["final_val_loss"] != runs[1]["final_val_loss"]
+  assert [s["settings"] for s in summary] == ["lr=0.003", "lr=0.01", "-"]
+  for entry, (a, b) in zip(summary, [(0, 3), (1, 4), (2, 5)]):
+    finals = [runs[a]["final_val_loss"], runs[b]["final_val_loss"]]
+    assert entry["seeds"] == [0, 1]
+    np.testing.assert_allclose(entry["final_val_loss"], np.mean(finals))
+    np.testing.assert_allclose(entry["final_val_loss_std"],
+                               np.std(finals, ddof=1))
+    np.testing.assert_allclose(
+        entry["val_loss"],
+        np.mean([runs[a]["val_loss"], runs[b]["val_loss"]], axis=0))
+  # The reference is the best synchronous AdamW configuration's mean.
+  assert results["sync_adamw_val_loss"] == min(
+      s["final_val_loss"] for s in summary[:2])
+  assert "std" in stdout and "mean over 2 seeds" in stdout

@@ -12,9 +12,12 @@ is the anchor (the global model at a round boundary).
 
 Each outer optimizer gets its own sweep, by default the same number of
 configurations (2 learning rates x 2 momenta, each including its released or
-published defaults); every configuration is reported. Results go to ``local_steps.json`` and
-``local_steps.png`` (validation loss against all-reduces and against steps)
-in ``--out``, and a table is printed.
+published defaults), and synchronous AdamW may sweep its learning rate
+(``--adamw-lr``). With ``--seeds`` every configuration runs once per seed
+(model initialisation and data stream) and is reported as the mean and
+standard deviation over seeds. Results go to ``local_steps.json`` and
+``local_steps.png`` (mean validation loss against all-reduces and against
+steps) in ``--out``, and a table is printed.
 
   python -m optax_sign.bench.local_steps     # 14 runs, 1-2 min each on 2 CPUs
   python -m optax_sign.bench.local_steps --tiny --out /tmp/ls   # seconds
@@ -30,6 +33,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import optax_sign
@@ -70,7 +74,7 @@ def build(config: Config, schedule: optax.Schedule, tau: int,
   the inner AdamW uses.
   """
   h = dict(config.hparams)
-  if config.method == "adamw":
+  if config.method == "adamw":  # its learning rate is in the schedule
     return inner_adamw(schedule, 0.1)
   if config.method == "dsm_ls":
     key = jax.random.key(seed) if "bound" in h else None
@@ -100,6 +104,7 @@ def train(config: Config, task: task_lib.Task, *, steps: int, workers: int, tau:
   runs.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  lr = dict(config.hparams).get("lr", lr) if config.method == "adamw" else lr
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, lr, max(1, steps // 10), steps, lr / 10)
   tx = build(config, schedule, tau, seed)
@@ -146,7 +151,7 @@ def train(config: Config, task: task_lib.Task, *, steps: int, workers: int, tau:
 
   record = {"method": config.method, "label": LABELS[config.method],
             "hparams": dict(config.hparams), "settings": config.settings,
-            "steps": [0], "allreduces": [0],
+            "seed": seed, "steps": [0], "allreduces": [0],
             "val_loss": [val_loss(params, state)]}
   carry = (params, state)
   start = time.perf_counter()
@@ -180,35 +185,70 @@ def configs(args: argparse.Namespace) -> list:
     elif method in ("diloco", "slowmo"):
       grid = [dict(lr=a, momentum=m) for a, m in itertools.product(
           getattr(args, f"{method}_lr"), getattr(args, f"{method}_momentum"))]
+    elif method == "adamw" and args.adamw_lr:
+      grid = [dict(lr=a) for a in args.adamw_lr]
     else:
       grid = [{}]
     out += [Config(method, tuple(sorted(g.items()))) for g in grid]
   return out
 
 
+def summarize(runs: Sequence[dict]) -> list:
+  """One entry per configuration: mean curve and mean/std final loss over seeds.
+
+  Runs of a configuration share their evaluation points (same steps).
+  """
+  groups = {}
+  for r in runs:
+    groups.setdefault((r["method"], r["settings"]), []).append(r)
+  out = []
+  for group in groups.values():
+    finals = np.array([r["final_val_loss"] for r in group])
+    first = group[0]
+    out.append({
+        "method": first["method"], "label": first["label"],
+        "hparams": first["hparams"], "settings": first["settings"],
+        "seeds": [r["seed"] for r in group],
+        "steps": first["steps"], "allreduces": first["allreduces"],
+        "val_loss": np.mean([r["val_loss"] for r in group], axis=0).tolist(),
+        "final_val_loss": float(finals.mean()),
+        "final_val_loss_std": float(finals.std(ddof=1)) if finals.size > 1
+                              else 0.0,
+        "total_allreduces": first["total_allreduces"]})
+  return out
+
+
 def table(runs: Sequence[dict], reference: Optional[float]) -> str:
-  """Method, settings, final validation loss, % vs sync AdamW, all-reduces."""
+  """Method, settings, final validation loss (mean +- std over seeds when
+  there are several), % vs the best sync AdamW, all-reduces; ``runs`` are
+  :func:`summarize` entries."""
   best = {}
   for r in runs:
     if (r["method"] not in best
         or r["final_val_loss"] < best[r["method"]]["final_val_loss"]):
       best[r["method"]] = r
+  spread = any(len(r["seeds"]) > 1 for r in runs)
   lines = [f"{'method':11s} {'settings':34s} {'val loss':>9s} "
-           f"{'vs AdamW':>9s} {'all-reduces':>11s}"]
+           + (f"{'std':>7s} " if spread else "")
+           + f"{'vs AdamW':>9s} {'all-reduces':>11s}"]
   for r in runs:
     pct = ("" if reference is None
            else f"{100 * (r['final_val_loss'] / reference - 1):+.1f}%")
     mark = " *" if best[r["method"]] is r and r["method"] != "adamw" else ""
+    std = f"{r['final_val_loss_std']:7.4f} " if spread else ""
     lines.append(f"{r['label']:11s} {r['settings']:34s} "
-                 f"{r['final_val_loss']:9.4f} {pct:>9s} "
+                 f"{r['final_val_loss']:9.4f} {std}{pct:>9s} "
                  f"{r['total_allreduces']:11d}{mark}")
-  lines.append("* best configuration of the method")
+  lines.append("* best configuration of the method"
+               + (f" (mean over {len(runs[0]['seeds'])} seeds)"
+                  if spread else ""))
   return "\n".join(lines)
 
 
 def plot(path: str, runs: Sequence[dict], title: str) -> None:
   """Validation loss against all-reduces (log) and against steps; the best
-  configuration of each method solid, the rest of its sweep faint."""
+  configuration of each method solid, the rest of its sweep faint; ``runs``
+  are :func:`summarize` entries (mean curves over seeds)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -265,6 +305,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--lr", type=float, default=3e-3,
                  help="peak inner AdamW learning rate (warmup 10%%, cosine to "
                  "lr/10), the same for every method")
+  p.add_argument("--adamw-lr", nargs="+", type=float, default=None,
+                 help="synchronous AdamW peak learning rate sweep (default: "
+                 "--lr only)")
   p.add_argument("--batch-size", type=int, default=None,
                  help="windows per worker and step (default 16, tiny 4)")
   p.add_argument("--dsm-ls-eta", nargs="+", type=float, default=[3.0, 6.0],
@@ -295,7 +338,9 @@ def parser() -> argparse.ArgumentParser:
                  "(default 512, tiny 16)")
   p.add_argument("--data", default=None, help="a UTF-8 text file (default: "
                  "pydoc_data.topics)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                 help="seeds (model initialisation and data); each "
+                 "configuration runs once per seed (default 0)")
   p.add_argument("--tiny", action="store_true",
                  help="tiny text, model and steps (tests, smoke runs)")
   p.add_argument("--out", default="bench_local_steps",
@@ -317,36 +362,40 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      "run ends on a sync)")
   rounds = steps // tau
   eval_every = tau * (args.eval_every or max(1, rounds // 30))
-  task = task_lib.charlm(args.data, batch_size=batch, tiny=tiny,
-                         seed=args.seed,
-                         val_windows=args.val_windows or (16 if tiny else 512))
-  context = task.sample(task.data, jax.random.key(0)).shape[1] - 1
   os.makedirs(args.out, exist_ok=True)
-  print(f"{task.description}; {task.num_params} parameters; {workers} workers "
-        f"x {batch} windows; tau={tau}; {steps} steps ({rounds} rounds); "
-        f"inner AdamW lr {args.lr:g}", flush=True)
   runs = []
-  evaluate = jax.jit(task.eval_metrics)
-  for config in configs(args):
-    run = train(config, task, steps=steps,
-                workers=workers, tau=tau, lr=args.lr, eval_every=eval_every,
-                seed=args.seed, progress=not args.no_progress,
-                evaluate=evaluate)
-    runs.append(run)
-    print(f"  {run['label']:11s} {run['settings']:34s} val "
-          f"{run['final_val_loss']:.4f}  ({run['seconds']:.0f} s)", flush=True)
-  reference = next((r["final_val_loss"] for r in runs
-                    if r["method"] == "adamw"), None)
-  print(table(runs, reference), flush=True)
+  for seed in args.seeds:
+    task = task_lib.charlm(args.data, batch_size=batch, tiny=tiny, seed=seed,
+                           val_windows=args.val_windows or (16 if tiny else 512))
+    if not runs:
+      context = task.sample(task.data, jax.random.key(0)).shape[1] - 1
+      print(f"{task.description}; {task.num_params} parameters; {workers} "
+            f"workers x {batch} windows; tau={tau}; {steps} steps ({rounds} "
+            f"rounds); inner AdamW lr {args.lr:g}; seeds {args.seeds}",
+            flush=True)
+    evaluate = jax.jit(task.eval_metrics)
+    for config in configs(args):
+      run = train(config, task, steps=steps, workers=workers, tau=tau,
+                  lr=args.lr, eval_every=eval_every, seed=seed,
+                  progress=not args.no_progress, evaluate=evaluate)
+      runs.append(run)
+      print(f"  {run['label']:11s} {run['settings']:34s} seed {seed} val "
+            f"{run['final_val_loss']:.4f}  ({run['seconds']:.0f} s)",
+            flush=True)
+  summary = summarize(runs)
+  reference = min((r["final_val_loss"] for r in summary
+                   if r["method"] == "adamw"), default=None)
+  print(table(summary, reference), flush=True)
   config = {k: v for k, v in vars(args).items()}
   config.update(steps=steps, workers=workers, tau=tau, batch_size=batch,
                 rounds=rounds, tokens_per_step=workers * batch * context,
                 num_params=task.num_params, task=task.description)
-  results = {"runs": runs, "sync_adamw_val_loss": reference}
+  results = {"runs": runs, "summary": summary,
+             "sync_adamw_val_loss": reference}
   report.write_json(os.path.join(args.out, "local_steps.json"), config, results)
   png = os.path.join(args.out, "local_steps.png")
-  plot(png, runs, f"{task.description}; {workers} workers, tau={tau}, "
-       f"{steps} steps")
+  plot(png, summary, f"{task.description}; {workers} workers, tau={tau}, "
+       f"{steps} steps, {len(args.seeds)} seed(s)")
   print(f"results: {os.path.join(args.out, 'local_steps.json')}, plot: {png}")
   return results
 
