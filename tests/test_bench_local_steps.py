@@ -53,23 +53,25 @@ def test_sweeps_give_each_outer_method_its_grid():
   args = local_steps.parser().parse_args([
       "--dsm-ls-eta", "1", "12", "--dsm-ls-betas", "0.95,0.98", "0.9,0.95",
       "--diloco-lr", "0.7", "1", "--diloco-momentum", "0.9", "0.5",
-      "--slowmo-lr", "1", "--slowmo-momentum", "0.2"])
+      "--slowmo-lr", "1", "--slowmo-momentum", "0.2",
+      "--dsm-ls-inner-decay", "0", "0.1"])
   configs = local_steps.configs(args)
   count = lambda m: sum(c.method == m for c in configs)
-  assert [count(m) for m in local_steps.METHODS] == [1, 4, 4, 1, 1]
+  assert [count(m) for m in local_steps.METHODS] == [1, 8, 4, 1, 1]
   assert local_steps.Config("dsm_ls", (("b1", 0.9), ("b2", 0.95), (
       "eta", 12.0))) in configs
+  assert local_steps.Config("dsm_ls", (("b1", 0.9), ("b2", 0.95), (
+      "eta", 12.0), ("inner_wd", 0.1))) in configs
   # By default every outer optimizer gets the same number of configurations.
   defaults = local_steps.configs(local_steps.parser().parse_args([]))
   assert [sum(c.method == m for c in defaults)
           for m in local_steps.METHODS] == [1, 4, 4, 4, 1]
 
 
-def test_dsm_ls_wiring_uses_the_inner_schedule_and_decays_once():
+def _one_dsm_ls_round(hparams):
+  """(local params, anchor) of one worker after one round of tau=2."""
   schedule = lambda count: 0.1 * (count + 1)  # gamma at the sync step 1: 0.2
-  tx = local_steps.build(
-      local_steps.Config("dsm_ls", (("b1", 0.0), ("b2", 0.0), ("eta", 2.0))),
-      schedule, tau=2)
+  tx = local_steps.build(local_steps.Config("dsm_ls", hparams), schedule, tau=2)
   params = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
   grads = jax.tree.map(lambda p: np.full_like(p, 3.0), params)
 
@@ -80,14 +82,27 @@ def test_dsm_ls_wiring_uses_the_inner_schedule_and_decays_once():
       params = optax.apply_updates(params, updates)
     return params, optax_sign.local_steps_anchor(state)
 
-  params, anchor = jax.vmap(two_steps, axis_name="workers")(
+  return jax.vmap(two_steps, axis_name="workers")(
       jax.tree.map(lambda x: x[None], params))
+
+
+def test_dsm_ls_wiring_uses_the_inner_schedule_and_decays_once():
+  params, anchor = _one_dsm_ls_round(
+      (("b1", 0.0), ("b2", 0.0), ("eta", 2.0)))
   # The anchor moves by eta*gamma_1*(sign + 0.1 x) on matrices and by
   # eta*gamma_1*sign on biases: gamma is the inner schedule at the global
   # step count of the sync, and the inner AdamW does not decay.
   np.testing.assert_allclose(anchor["w"][0], 1 - 2 * 0.2 * 1.1, rtol=1e-6)
   np.testing.assert_allclose(anchor["b"][0], 1 - 2 * 0.2, rtol=1e-6)
   chex.assert_trees_all_close(params, anchor, rtol=1e-6)
+
+
+def test_dsm_ls_released_decay_configuration_decays_every_leaf():
+  _, anchor = _one_dsm_ls_round(
+      (("b1", 0.0), ("b2", 0.0), ("eta", 2.0), ("inner_wd", 0.1)))
+  # With inner decay the outer decay has no mask: biases decay too.
+  np.testing.assert_allclose(anchor["w"][0], 1 - 2 * 0.2 * 1.1, rtol=1e-6)
+  np.testing.assert_allclose(anchor["b"][0], 1 - 2 * 0.2 * 1.1, rtol=1e-6)
 
 
 def test_steps_must_end_on_a_sync():

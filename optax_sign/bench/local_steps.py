@@ -70,7 +70,9 @@ def build(config: Config, schedule: optax.Schedule, tau: int,
 
   Weight decay 0.1 on matrices has one home per method: the inner AdamW for
   AdamW, DiLoCo, SlowMo and averaging; the anchor, once per round, for DSM-LS
-  (the ``dsm_ls`` preset's rule). ``inner_learning_rate`` is the very schedule
+  (the ``dsm_ls`` preset's rule). A DSM-LS ``inner_wd > 0`` selects the
+  released code's configuration instead: inner decay ``inner_wd`` on matrices
+  and outer decay 0.1 on every leaf. ``inner_learning_rate`` is the very schedule
   the inner AdamW uses.
   """
   h = dict(config.hparams)
@@ -78,10 +80,12 @@ def build(config: Config, schedule: optax.Schedule, tau: int,
     return inner_adamw(schedule, 0.1)
   if config.method == "dsm_ls":
     key = jax.random.key(seed) if "bound" in h else None
+    inner_wd = h.get("inner_wd", 0.0)  # > 0: the released code's two decays
     return optax_sign.dsm_ls(
-        schedule, inner_adamw(schedule, 0.0), tau, AXIS,
+        schedule, inner_adamw(schedule, inner_wd), tau, AXIS,
         learning_rate=h["eta"], b1=h["b1"], b2=h["b2"], weight_decay=0.1,
-        key=key, bound=h.get("bound"))
+        mask=None if inner_wd else optax_sign.matrix_mask, key=key,
+        bound=h.get("bound"))
   if config.method == "diloco":
     return optax_sign.diloco(schedule, inner_adamw(schedule, 0.1), tau, AXIS,
                              learning_rate=h["lr"], momentum=h["momentum"])
@@ -180,6 +184,8 @@ def configs(args: argparse.Namespace) -> list:
     if method == "dsm_ls":
       grid = [dict(eta=e, b1=b1, b2=b2) for e, (b1, b2) in
               itertools.product(args.dsm_ls_eta, args.dsm_ls_betas)]
+      grid = [dict(g, inner_wd=w) if w else g
+              for w in args.dsm_ls_inner_decay for g in grid]
       if args.dsm_ls_bound:
         grid += [dict(g, bound=args.dsm_ls_bound) for g in grid]
     elif method in ("diloco", "slowmo"):
@@ -316,6 +322,11 @@ def parser() -> argparse.ArgumentParser:
                  default=[(0.95, 0.98), (0.5, 0.9)], metavar="B1,B2",
                  help="DSM-LS (b1, b2) pairs (default: the released 0.95,0.98 "
                  "and 0.5,0.9, a momentum horizon suited to tens of rounds)")
+  p.add_argument("--dsm-ls-inner-decay", nargs="+", type=float,
+                 default=[0.0], help="DSM-LS inner AdamW decay sweep; a "
+                 "value > 0 also decays every leaf of the anchor (the "
+                 "released code's two decays; default 0: decay once, on the "
+                 "anchor's matrices)")
   p.add_argument("--dsm-ls-bound", type=float, default=None,
                  help="also run every DSM-LS configuration with the "
                  "randomized sign of this bound")
