@@ -17,6 +17,9 @@ from optax_sign._communication import per_worker
 from optax_sign._communication import SignAggregationState
 from optax_sign._communication import vote_bytes
 from optax_sign._communication import vote_signs
+from optax_sign._data_parallel import data_parallel
+from optax_sign._data_parallel import worker_grad
+from optax_sign._data_parallel import worker_value_and_grad
 from optax_sign._error_feedback import ErrorFeedbackState
 from optax_sign._error_feedback import scale_by_error_feedback_sign
 from optax_sign._local_steps import broadcast_params
@@ -66,6 +69,7 @@ __all__ = (
     "alias_sign_sgd_released",
     "broadcast_params",
     "communication_bytes",
+    "data_parallel",
     "diloco",
     "dsm_ls",
     "global_sign_momentum",
@@ -94,4 +98,6 @@ __all__ = (
     "tie_sign",
     "vote_bytes",
     "vote_signs",
+    "worker_grad",
+    "worker_value_and_grad",
 )

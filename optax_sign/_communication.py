@@ -15,9 +15,12 @@ transports that give bitwise-identical results:
   worker counts and votes on its own :math:`1/N` of the coordinates, then the
   packed vote is all-gathered.
 
-``"auto"`` picks the fewest bytes on the wire (see :func:`vote_bytes`). All
-leaves of a pytree are flattened into one vector, so each transport runs one
-collective per phase whatever the number of leaves.
+``"auto"`` picks the fewest bytes on the wire (see :func:`vote_bytes`). The
+leaves of a pytree are flattened into one vector per group of leaves that vary
+over the same mesh axes (:func:`leaf_groups`), so each transport runs one
+collective per phase and group whatever the number of leaves: one group for
+data parallelism, two for a tensor-parallel tree whose biases and norm scales
+are replicated over the model axis.
 
 **The shard_map gradient trap.** Under ``jax.shard_map`` (with the default
 ``check_vma=True``), ``jax.grad`` with respect to parameters that entered
@@ -144,14 +147,17 @@ def _unpack(packed: jax.Array, length: int, tie: str,
   return 2 * bits[0] - nonzero
 
 
-def _names(axis_name: AxisName) -> Tuple[Hashable, ...]:
+def axis_names(axis_name: AxisName) -> Tuple[Hashable, ...]:
+  """``axis_name`` as a tuple of names (``()`` for ``None``)."""
+  if axis_name is None:
+    return ()
   return axis_name if isinstance(axis_name, tuple) else (axis_name,)
 
 
 def _is_manual(axis_name: AxisName) -> bool:
   """True under ``shard_map``/``pmap`` (manual mesh axes), False under vmap."""
   manual = jax.sharding.get_abstract_mesh().manual_axes
-  return all(a in manual for a in _names(axis_name))
+  return all(a in manual for a in axis_names(axis_name))
 
 
 def gather_invariant(x: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -167,14 +173,17 @@ def gather_invariant(x: jax.Array, axis_name: AxisName) -> jax.Array:
 
 def _count_gathered(gathered: jax.Array, length: int, tie: str, dtype: Any,
                     weights: Optional[jax.Array]) -> jax.Array:
-  """S = sum_i w_i q_i from packed planes [N, planes, nb], worker by worker."""
+  """S = sum_i w_i q_i from packed planes [N, planes, nb].
 
-  def term(i):
+  A static sum of the N unpacked terms: XLA fuses it into one elementwise
+  pass with no loop-carried count (exact, as every term is an integer).
+  """
+  total = None
+  for i in range(gathered.shape[0]):
     q = _unpack(gathered[i], length, tie, dtype)
-    return q if weights is None else q * weights[i].astype(dtype)
-
-  # Starting from worker 0's term gives the carry the right varying type.
-  return lax.fori_loop(1, gathered.shape[0], lambda i, s: s + term(i), term(0))
+    q = q if weights is None else q * weights[i].astype(dtype)
+    total = q if total is None else total + q
+  return total
 
 
 def _worker_weights(alive: Optional[jax.Array], axis_name: AxisName,
@@ -201,37 +210,66 @@ def _check_alive_shape(alive: jax.Array, axis_name: AxisName,
         f"shape {alive.shape}")
 
 
-def _flatten(tree: Any, tie: str) -> Tuple[jax.Array, Any]:
-  leaves, treedef = jax.tree.flatten(tree)
-  q = jnp.concatenate([_tie_sign_int(v.ravel(), tie) for v in leaves]) if leaves else (
-      jnp.zeros((0,), jnp.int8))
-  return q, (treedef, leaves)
+def varying_axes(x: jax.Array) -> Tuple[Hashable, ...]:
+  """The mesh axes ``x`` varies over under ``shard_map`` (sorted; () elsewhere)."""
+  return tuple(sorted(jax.typeof(x).mat.varying, key=str))
 
 
-def _unflatten(flat: jax.Array, structure: Any) -> Any:
-  treedef, leaves = structure
-  out, start = [], 0
-  for v in leaves:
-    out.append(flat[start:start + v.size].reshape(v.shape).astype(v.dtype))
-    start += v.size
-  return treedef.unflatten(out)
+def leaf_groups(leaves: Sequence[jax.Array]) -> list:
+  """Indices of ``leaves`` grouped by the mesh axes each leaf varies over.
+
+  Inside a fully manual ``shard_map`` a tensor-parallel tree mixes leaves that
+  vary over ``("data", "model")`` with replicated ones (biases, norm scales)
+  that vary over ``("data",)`` only; one concatenated vector would vary over
+  the union and could not be returned replicated. Each group is exchanged in
+  its own collective. Outside ``shard_map`` there is one group.
+  """
+  groups = {}
+  for i, leaf in enumerate(leaves):
+    groups.setdefault(varying_axes(leaf), []).append(i)
+  return list(groups.values())
 
 
-def _prepare(tree, axis_name, tie, transport, alive, allowed):
-  """Shared front end: validation, message, transport and masks."""
+def _signs_of(leaves: Sequence[jax.Array], tie: str) -> jax.Array:
+  """The int8 signs of one group of leaves, concatenated into a vector."""
+  return jnp.concatenate([_tie_sign_int(v.ravel(), tie) for v in leaves])
+
+
+def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
+  """Validates, then runs ``combine(q, n, transport, alive)`` on each group.
+
+  ``q`` is the group's int8 sign vector (zeroed for a dead worker) and the
+  result, a vector of ``q``'s length, is cut back into the group's leaves in
+  their dtypes.
+  """
   _checks.check_tie(tie)
   _checks.check_choice("transport", transport, allowed)
   n = axis_size(axis_name)
-  q, structure = _flatten(tree, tie)
   own = None
   if alive is not None:
     alive = jnp.asarray(alive)
     _check_alive_shape(alive, axis_name, n)
     own = (alive.reshape(()) if alive.size == 1
            else alive[lax.axis_index(axis_name)]).astype(bool)
-    q = jnp.where(own, q, jnp.int8(0))
-  transport = choose_transport(transport, n, q.size, tie, allowed)
-  return q, structure, n, transport, alive, own
+  leaves, treedef = jax.tree.flatten(tree)
+  out = list(leaves)
+  for group in leaf_groups(leaves):
+    q = _signs_of([leaves[i] for i in group], tie)
+    if own is not None:
+      q = jnp.where(own, q, jnp.int8(0))
+    chosen = choose_transport(transport, n, q.size, tie, allowed)
+    flat, start = combine(q, n, chosen, alive, own), 0
+    for i in group:
+      v = leaves[i]
+      out[i] = flat[start:start + v.size].reshape(v.shape).astype(v.dtype)
+      start += v.size
+  return treedef.unflatten(out)
+
+
+def group_sizes(tree: Any) -> list:
+  """Coordinates per exchanged group of ``tree`` (see :func:`leaf_groups`)."""
+  leaves = jax.tree.leaves(tree)
+  return [sum(leaves[i].size for i in g) for g in leaf_groups(leaves)]
 
 
 def _count(q, axis_name, n, tie, transport, alive):
@@ -310,13 +348,13 @@ def vote_signs(tree: Any, axis_name: Optional[AxisName], *,
     Bernstein et al., "signSGD with Majority Vote is Communication Efficient
     and Fault Tolerant", ICLR 2019 (arXiv 1810.05291).
   """
-  q, structure, n, transport, alive, _ = _prepare(
-      tree, axis_name, tie, transport, alive, TRANSPORTS)
-  if transport == "alltoall" and axis_name is not None:
-    vote = _vote_alltoall(q, axis_name, n, tie, alive)
-  else:
-    vote = _tie_sign_int(_count(q, axis_name, n, tie, transport, alive), tie)
-  return _unflatten(vote, structure)
+  def combine(q, n, chosen, alive, own):
+    del own
+    if chosen == "alltoall" and axis_name is not None:
+      return _vote_alltoall(q, axis_name, n, tie, alive)
+    return _tie_sign_int(_count(q, axis_name, n, tie, chosen, alive), tie)
+
+  return _exchange(tree, axis_name, tie, transport, alive, TRANSPORTS, combine)
 
 
 def mean_signs(tree: Any, axis_name: Optional[AxisName], *,
@@ -361,19 +399,24 @@ def mean_signs(tree: Any, axis_name: Optional[AxisName], *,
     "Communication Efficient Distributed Training with Distributed Lion",
     NeurIPS 2024 (arXiv 2404.00438).
   """
-  q, structure, n, transport, alive, own = _prepare(
-      tree, axis_name, tie, transport, alive, _COUNT_TRANSPORTS)
-  count = _count(q, axis_name, n, tie, transport, alive).astype(jnp.float32)
+  def combine(q, n, chosen, alive, own):
+    count = _count(q, axis_name, n, tie, chosen, alive).astype(jnp.float32)
+    voters = _voters(axis_name, n, alive, own)
+    return jnp.where(voters > 0, count / jnp.maximum(voters, 1.0), 0.0)
+
+  return _exchange(tree, axis_name, tie, transport, alive, _COUNT_TRANSPORTS,
+                   combine)
+
+
+def _voters(axis_name, n, alive, own) -> jax.Array:
+  """sum_i a_i as float32, from the mask, this worker's flag or N."""
   if alive is None:
-    voters = jnp.float32(n)
-  elif alive.size == n and n > 1:
-    voters = jnp.sum(alive.astype(jnp.float32))
-  elif axis_name is None:
-    voters = own.astype(jnp.float32)
-  else:
-    voters = lax.psum(own.astype(jnp.float32), axis_name)
-  mean = jnp.where(voters > 0, count / jnp.maximum(voters, 1.0), 0.0)
-  return _unflatten(mean, structure)
+    return jnp.float32(n)
+  if alive.size == n and n > 1:
+    return jnp.sum(alive.astype(jnp.float32))
+  if axis_name is None:
+    return own.astype(jnp.float32)
+  return lax.psum(own.astype(jnp.float32), axis_name)
 
 
 class SignAggregationState(NamedTuple):
@@ -397,11 +440,12 @@ def _aggregator(aggregate, axis_name, transport, tie, allowed):
     out = aggregate(updates, axis_name, tie=tie, transport=transport,
                     alive=alive)
     n = axis_size(axis_name)
-    size = sum(x.size for x in jax.tree.leaves(updates))
-    chosen = choose_transport(transport, n, size, tie, allowed)
+    per_step = sum(
+        vote_bytes(choose_transport(transport, n, size, tie, allowed), n,
+                   size, tie) for size in group_sizes(updates))
     count = optax.safe_increment(state.count)
     # A product, not a running float32 sum, so large totals do not drift.
-    sent = count.astype(jnp.float32) * vote_bytes(chosen, n, size, tie)
+    sent = count.astype(jnp.float32) * per_step
     return out, SignAggregationState(count=count, bytes_sent=sent)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -501,7 +545,7 @@ def per_worker(params: Any, axis_name: AxisName) -> Any:
     return params
 
   def cast(x):
-    missing = tuple(a for a in _names(axis_name)
+    missing = tuple(a for a in axis_names(axis_name)
                     if a not in jax.typeof(x).mat.varying)
     return lax.pcast(x, missing, to="varying") if missing else x
 

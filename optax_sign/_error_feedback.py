@@ -1,5 +1,6 @@
 """Error-feedback sign compression (EF-SignSGD), on one worker or across many."""
 
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -16,9 +17,18 @@ class ErrorFeedbackState(NamedTuple):
   error: optax.Updates  # tree like params, dtype ``state_dtype``: residual e_t
 
 
-def _scale(p: jax.Array) -> jax.Array:
-  """The least-squares scale ``||p||_1 / n`` of one leaf, in float32."""
-  return jnp.sum(jnp.abs(p)) / max(p.size, 1)
+def _scale(p: jax.Array, shard_axes: tuple = ()) -> jax.Array:
+  """The least-squares scale ``||p||_1 / n`` of one whole leaf, in float32.
+
+  Under a fully manual ``shard_map`` a leaf that varies over ``shard_axes``
+  (mesh axes other than the workers', e.g. ``"model"``) is one shard of the
+  leaf: the sum and the size then cover every shard.
+  """
+  total, size = jnp.sum(jnp.abs(p)), p.size
+  if shard_axes:
+    total = lax.psum(total, shard_axes)
+    size *= math.prod(_communication.axis_size(a) for a in shard_axes)
+  return total / max(size, 1)
 
 
 def _compress(p: jax.Array, dtype: Any) -> jax.Array:
@@ -26,21 +36,17 @@ def _compress(p: jax.Array, dtype: Any) -> jax.Array:
   return (_scale(p) * jnp.sign(p)).astype(dtype)
 
 
-def _mean_of_scaled_signs(p_leaves, axis_name, num_workers):
-  """Per-worker compression and the mean of all workers' compressed vectors.
+def _shard_axes(p: jax.Array, axis_name) -> tuple:
+  workers = _communication.axis_names(axis_name)
+  return tuple(a for a in _communication.varying_axes(p) if a not in workers)
 
-  Worker i sends its sign bits (``p >= 0``, packed 8 per byte) and one float32
-  scale per leaf, all in one all-gather of uint8; every worker then forms
-  ``(1 / N) sum_i alpha_i sign_i`` in the same order, so all get equal bits.
 
-  Returns:
-    (own compressed leaves c_i, mean leaves), both float32.
-  """
-  if not p_leaves:
-    return [], []
+def _group_mean(p_leaves, axis_name, num_workers):
+  """:func:`_mean_of_scaled_signs` for leaves that vary over the same axes."""
   sizes = [p.size for p in p_leaves]
   flat = jnp.concatenate([p.ravel() for p in p_leaves])
-  scales = jnp.stack([_scale(p) for p in p_leaves])  # [L] float32
+  scales = jnp.stack([_scale(p, _shard_axes(p, axis_name))
+                      for p in p_leaves])  # [L] float32
   positive = flat >= 0
   message = jnp.concatenate([
       jnp.packbits(positive, bitorder="little"),
@@ -52,26 +58,40 @@ def _mean_of_scaled_signs(p_leaves, axis_name, num_workers):
     return jnp.repeat(scale_vector, jnp.array(sizes),
                       total_repeat_length=flat.size)
 
-  def compressed(i):
+  total = None
+  for i in range(num_workers):  # a static sum, in worker order on every worker
     bits = jnp.unpackbits(received[i, :packed_size], count=flat.size,
                           bitorder="little")
     alpha = lax.bitcast_convert_type(
         received[i, packed_size:].reshape(-1, 4), jnp.float32)
-    return per_coordinate(alpha) * (2.0 * bits.astype(jnp.float32) - 1.0)
-
-  total = lax.fori_loop(1, num_workers, lambda i, s: s + compressed(i),
-                        compressed(0))
+    term = per_coordinate(alpha) * (2.0 * bits.astype(jnp.float32) - 1.0)
+    total = term if total is None else total + term
   own = per_coordinate(scales) * jnp.where(positive, 1.0, -1.0)
-  mean = total / num_workers
+  return own, total / num_workers
 
-  def unflatten(vector):
-    out, start = [], 0
-    for p in p_leaves:
-      out.append(vector[start:start + p.size].reshape(p.shape))
+
+def _mean_of_scaled_signs(p_leaves, axis_name, num_workers):
+  """Per-worker compression and the mean of all workers' compressed vectors.
+
+  Worker i sends its sign bits (``p >= 0``, packed 8 per byte) and one float32
+  scale per leaf, in one all-gather of uint8 per group of leaves that vary over
+  the same mesh axes (:func:`optax_sign._communication.leaf_groups`); every
+  worker then forms ``(1 / N) sum_i alpha_i sign_i`` in the same order, so all
+  get equal bits.
+
+  Returns:
+    (own compressed leaves c_i, mean leaves), both float32.
+  """
+  own, mean = [None] * len(p_leaves), [None] * len(p_leaves)
+  for group in _communication.leaf_groups(p_leaves):
+    leaves = [p_leaves[i] for i in group]
+    own_flat, mean_flat = _group_mean(leaves, axis_name, num_workers)
+    start = 0
+    for i, p in zip(group, leaves):
+      own[i] = own_flat[start:start + p.size].reshape(p.shape)
+      mean[i] = mean_flat[start:start + p.size].reshape(p.shape)
       start += p.size
-    return out
-
-  return unflatten(own), unflatten(mean)
+  return own, mean
 
 
 def scale_by_error_feedback_sign(

@@ -411,6 +411,12 @@ def scale_by_alias(
     if k > 1:
       terms["den"] = ("max", jax.tree.map(jnp.abs, delta))
     stats = dict(zip(terms, _global_reduce(list(terms.values()))))
+    if axis_name is not None:
+      # The maxima read only voted (shared) values, but the fused reduction
+      # types them as per worker; one exact scalar pmax makes them shared.
+      maxima = [m for m in ("u_inf", "den") if m in stats]
+      shared = jax.lax.pmax(jnp.stack([stats[m] for m in maxima]), axis_name)
+      stats.update(zip(maxima, jnp.unstack(shared)))
     if plain_sign:  # ||s_t||_inf from <g_t, tsign(g_t)> = ||g_t||_1.
       moved = stats["g_s"] > 0 if tie == "zero" else num_params > 0
       stats["u_inf"] = jnp.where(jnp.isnan(stats["g_s"]), jnp.nan,
