@@ -18,13 +18,14 @@ from optax_sign._communication import SignAggregationState
 from optax_sign._communication import vote_bytes
 from optax_sign._communication import vote_signs
 from optax_sign._data_parallel import data_parallel
-from optax_sign._data_parallel import worker_grad
-from optax_sign._data_parallel import worker_value_and_grad
+from optax_sign._worker_grad import worker_grad
+from optax_sign._worker_grad import worker_value_and_grad
 from optax_sign._error_feedback import ErrorFeedbackState
 from optax_sign._error_feedback import scale_by_error_feedback_sign
 from optax_sign._local_steps import broadcast_params
 from optax_sign._local_steps import local_steps
 from optax_sign._local_steps import local_steps_anchor
+from optax_sign._local_steps import local_steps_vmap_state
 from optax_sign._local_steps import LocalStepsState
 from optax_sign._outer import global_sign_momentum
 from optax_sign._outer import matrix_mask
@@ -76,6 +77,7 @@ __all__ = (
     "lion_like",
     "local_steps",
     "local_steps_anchor",
+    "local_steps_vmap_state",
     "majority_vote",
     "matrix_mask",
     "mean_of_signs",

@@ -7,13 +7,14 @@ transformation is applied to the pseudo-gradient at the anchor (the model at
 the start of the round), and every worker jumps to the new anchor.
 """
 
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from optax_sign import _checks
+from optax_sign import _communication
 
 AxisName = Union[str, Sequence[str], None]
 PSEUDO_GRAD_SCALES = ("inner_lr", "none")
@@ -187,6 +188,7 @@ def local_steps(
       raise ValueError(
           "local_steps needs the current parameters: call "
           "update(grads, state, params)")
+    _communication.axis_size(axis_name)  # a clear error if it is not bound
     inner_updates, inner_state = inner.update(
         updates, state.inner_state, params, **extra_args)
     local_new = optax.apply_updates(params, inner_updates)
@@ -245,6 +247,46 @@ def local_steps_anchor(state: optax.OptState) -> optax.Params:
         "local_steps_anchor expects a state holding exactly one "
         f"LocalStepsState, found {len(found)}")
   return found[0].anchor
+
+
+def local_steps_vmap_state(
+    state: LocalStepsState,
+    num_workers: int) -> Tuple[LocalStepsState, LocalStepsState]:
+  r"""A :func:`local_steps` state for ``jax.vmap`` over workers, and its axes.
+
+  The inner state is repeated along a new leading axis of size
+  ``num_workers``; the counter, anchor and outer state stay unbatched. Pass
+  the returned axes as the state's ``in_axes`` and ``out_axes``: the sync
+  condition then stays a scalar and ``lax.cond`` keeps its branches, so the
+  average runs only on sync steps. A batched counter (``jax.vmap(tx.init)``)
+  turns the ``cond`` into a ``select`` that averages on every step. With
+  ``vmap(..., spmd_axis_name="replica")`` on a mesh the average is one
+  all-reduce over ``"replica"``, inside the conditional.
+
+  Args:
+    state: ``tx.init(params)`` of one worker's parameters.
+    num_workers: :math:`N`, the size of the vmapped axis.
+
+  Returns:
+    ``(state, axes)``: the state with a per-worker inner state, and the
+    matching ``in_axes``/``out_axes`` prefix (``0`` for the inner state,
+    ``None`` elsewhere).
+
+  Example:
+    >>> state, axes = local_steps_vmap_state(tx.init(params), 4)
+    >>> step = jax.vmap(step, in_axes=(0, axes, 0), out_axes=(0, axes),
+    ...                 axis_name="workers")
+  """
+  if not isinstance(state, LocalStepsState):
+    raise TypeError("local_steps_vmap_state expects the LocalStepsState of "
+                    f"local_steps (or a preset), got {type(state).__name__}")
+  _checks.check_int("num_workers", num_workers, 1)
+  inner = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (num_workers,) + jnp.shape(x)),
+      state.inner_state)
+  axes = LocalStepsState(count=None, anchor=None, inner_state=0,
+                         outer_state=None)
+  return state._replace(inner_state=inner), axes
 
 
 def broadcast_params(params: optax.Params, axis_name: AxisName) -> optax.Params:

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from optax_sign import _checks
+from optax_sign import _communication
 from optax_sign import _sign
 
 AxisName = Union[str, Sequence[str], None]
@@ -28,7 +29,7 @@ _F32 = jnp.float32
 # Global reductions (float32) and packed sign storage.
 
 
-def _global_reduce(terms: Sequence[tuple]) -> list:
+def _global_reduce(terms: Sequence[tuple], worker_axes: tuple = ()) -> list:
   """Global float32 reductions of several trees in one pass over the leaves.
 
   Each term is ``("sum", tree)`` or ``("max", tree)`` (the max of nonnegative
@@ -38,8 +39,15 @@ def _global_reduce(terms: Sequence[tuple]) -> list:
   parameter-sized intermediate is materialised (a single-operand sum on CPU
   may instead become a library call whose inputs are materialised).
 
+  Under a fully manual ``shard_map`` a leaf that varies over mesh axes other
+  than ``worker_axes`` (a tensor-parallel shard) is one piece of a larger
+  leaf: the totals of such leaves are combined over those axes (one ``psum``
+  of the sums and one ``pmax`` of the maxima per set of axes), so replicated
+  leaves count once and sharded leaves cover every shard.
+
   Args:
     terms: a sequence of ``(kind, tree)`` pairs.
+    worker_axes: the workers' axes, whose statistics stay per worker.
 
   Returns:
     One float32 scalar per term.
@@ -50,13 +58,33 @@ def _global_reduce(terms: Sequence[tuple]) -> list:
     return tuple(x + y if kind == "sum" else jnp.maximum(x, y)
                  for kind, x, y in zip(kinds, a, b))
 
-  totals = tuple(jnp.zeros([], _F32) for _ in kinds)
+  zeros = tuple(jnp.zeros([], _F32) for _ in kinds)
+  by_shard = {}
   for ops in zip(*(jax.tree.leaves(tree) for _, tree in terms)):
     ops = tuple(x.astype(_F32) for x in ops)
-    totals = combine(totals, jax.lax.reduce(
+    shard = tuple(a for a in _communication.varying_axes(ops[0])
+                  if a not in worker_axes)
+    by_shard[shard] = combine(by_shard.get(shard, zeros), jax.lax.reduce(
         ops, tuple(np.float32(0) for _ in ops), combine,
         tuple(range(ops[0].ndim))))
+  totals = zeros
+  for shard, part in by_shard.items():
+    if shard:
+      part = _combine_shards(kinds, part, shard)
+    totals = combine(totals, part)
   return list(totals)
+
+
+def _combine_shards(kinds: tuple, part: tuple, axes: tuple) -> tuple:
+  """Sums (``psum``) and maxima (``pmax``) of ``part`` over ``axes``."""
+  out = list(part)
+  for kind, reduce in (("sum", jax.lax.psum), ("max", jax.lax.pmax)):
+    idx = [i for i, k in enumerate(kinds) if k == kind]
+    if idx:
+      combined = reduce(jnp.stack([part[i] for i in idx]), axes)
+      for i, value in zip(idx, jnp.unstack(combined)):
+        out[i] = value
+  return tuple(out)
 
 
 def _bit_layout(shape: Sequence[int]) -> tuple:
@@ -364,7 +392,6 @@ def scale_by_alias(
       if signs is None and axis_name is None:
         signs = jax.tree.map(lambda v: _sign.tie_sign(v, tie), source)
       elif signs is None:
-        from optax_sign import _communication  # pylint: disable=g-import-not-at-top
         signs = optax.tree.cast(
             _communication.vote_signs(source, axis_name, tie=tie), _F32)
       direction = signs
@@ -410,7 +437,8 @@ def scale_by_alias(
       terms["g_x"] = ("sum", mult(g32, x32))
     if k > 1:
       terms["den"] = ("max", jax.tree.map(jnp.abs, delta))
-    stats = dict(zip(terms, _global_reduce(list(terms.values()))))
+    stats = dict(zip(terms, _global_reduce(
+        list(terms.values()), _communication.axis_names(axis_name))))
     if axis_name is not None:
       # The maxima read only voted (shared) values, but the fused reduction
       # types them as per worker; one exact scalar pmax makes them shared.

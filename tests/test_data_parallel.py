@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import optax_sign
+from optax_sign import _communication
 
 N = 4
 SPECS = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None),
@@ -102,8 +103,8 @@ def test_vote_in_jit_equals_unsharded_reference_bitwise(kind, transport):
     if kind == AxisType.Explicit:
       assert params[k].sharding.is_equivalent_to(
           NamedSharding(_mesh(kind), SPECS[k]), params[k].ndim)
-  count = optax.tree.get(state, "count")
-  assert count.shape == (N,) and np.all(np.asarray(count) == 4)
+  count = optax.tree.get(state, "count")  # shared by the workers: stored once
+  assert count.shape == () and int(count) == 4
 
 
 def test_only_packed_signs_cross_the_worker_axis():
@@ -112,9 +113,17 @@ def test_only_packed_signs_cross_the_worker_axis():
   over_data = [c for c in report.collectives if "data" in c.axes]
   assert over_data, report
   assert {c.dtype for c in over_data} <= {"u8", "s8"}, over_data
-  size = sum(x.size for x in jax.tree.leaves(_params()))
-  expected = optax_sign.vote_bytes("alltoall", N, size, "zero")
+  # Each worker votes on its local model shard, one collective per group of
+  # leaves: those sharded over "model" (w1, b1, w2) and the replicated b2.
+  params = _params()
+  local = [sum(params[k].size // 2 for k in ("w1", "b1", "w2")),
+           params["b2"].size]
+  expected = sum(optax_sign.vote_bytes(
+      _communication.choose_transport("auto", N, d, "zero"), N, d, "zero")
+                 for d in local)
   assert report.bytes_by_axes()[("data",)] == pytest.approx(expected)
+  assert ("model",) not in report.bytes_by_axes() or all(
+      c.dtype == "f32" for c in report.collectives if c.axes == ("model",))
 
 
 def _replay(make, steps, sharded):

@@ -613,3 +613,99 @@ def test_orbax_checkpoint_mid_round_continues_bitwise(tmp_path):
   resumed = loop5(restored["params"], restored["state"], targets)
   straight = loop5(params, state, targets)
   _assert_bitwise(resumed, straight)
+
+
+def _vmap_problem(workers=4):
+  xs = jax.random.normal(jax.random.key(0), (workers, 32, 8))
+  return xs, xs @ jnp.arange(8.0)
+
+
+def _vmap_loss(params, x, y):
+  return jnp.mean((x @ params["w"] - y) ** 2)
+
+
+def _vmap_step(tx):
+  def step(params, state, x, y):
+    updates, state = tx.update(jax.grad(_vmap_loss)(params, x, y), state,
+                               params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def test_vmap_state_keeps_the_sync_in_a_conditional_and_equals_batched():
+  """local_steps_vmap_state keeps lax.cond (a batched counter makes it a
+  select that averages every step); both give the same bits."""
+  tx = optax_sign.dsm_ls(0.05, sync_every=4, axis_name="w", learning_rate=2.0)
+  xs, ys = _vmap_problem()
+  params = {"w": jnp.zeros((4, 8))}
+  state, axes = optax_sign.local_steps_vmap_state(
+      tx.init({"w": jnp.zeros(8)}), 4)
+  assert state.count.shape == () and state.anchor["w"].shape == (8,)
+  step = jax.jit(jax.vmap(_vmap_step(tx), in_axes=(0, axes, 0, 0),
+                          out_axes=(0, axes), axis_name="w"))
+  batched_step = jax.jit(jax.vmap(_vmap_step(tx), axis_name="w"))
+  assert "conditional(" in step.lower(params, state, xs, ys).compile().as_text()
+  assert "conditional(" not in batched_step.lower(
+      params, jax.vmap(tx.init)(params), xs, ys).compile().as_text()
+  p1, s1, p2, s2 = params, state, params, jax.vmap(tx.init)(params)
+  for _ in range(10):
+    p1, s1 = step(p1, s1, xs, ys)
+    p2, s2 = batched_step(p2, s2, xs, ys)
+  # The same steps; the fusions differ, so the float32 mean may round apart.
+  np.testing.assert_allclose(p1["w"], p2["w"], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(s1.anchor["w"], s2.anchor["w"][0], rtol=1e-6,
+                             atol=1e-7)
+
+
+def test_spmd_vmap_on_replica_mesh_one_allreduce_over_replica_in_cond():
+  """MaxText layout: replicas stacked on a leading axis sharded over
+  "replica", each replica's params sharded over "fsdp"."""
+  mesh = jax.make_mesh((4, 2), ("replica", "fsdp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  tx = optax_sign.dsm_ls(0.05, sync_every=4, axis_name="replica")
+  xs, ys = _vmap_problem()
+  shard = lambda x, spec: jax.device_put(
+      x, jax.sharding.NamedSharding(mesh, spec))
+  params = {"w": shard(jnp.zeros((4, 8)), P("replica", "fsdp"))}
+  state, axes = optax_sign.local_steps_vmap_state(
+      tx.init({"w": jnp.zeros(8)}), 4)
+  state = state._replace(
+      anchor={"w": shard(state.anchor["w"], P("fsdp"))},
+      inner_state=jax.tree.map(lambda x: shard(x, P("replica")),
+                               state.inner_state))
+  step = jax.jit(jax.vmap(_vmap_step(tx), in_axes=(0, axes, 0, 0),
+                          out_axes=(0, axes), axis_name="replica",
+                          spmd_axis_name="replica"))
+  args = (params, state, shard(xs, P("replica")), shard(ys, P("replica")))
+  compiled = step.lower(*args).compile()
+  text = compiled.as_text()
+  comps = _hlo_computations(text)
+  conds = re.findall(r"conditional\(.*branch_computations=\{([^}]*)\}", text)
+  assert len(conds) == 1, conds
+  _, true_branch = [n.strip().lstrip("%") for n in conds[0].split(",")]
+  sync_text = "\n".join(comps[c] for c in _reachable(comps, true_branch))
+  report = optax_sign._wire.parse_collectives(sync_text, mesh=mesh)
+  replica = [c for c in report.collectives if "replica" in c.axes]
+  assert [(c.op, c.dtype, c.axes) for c in replica] == [
+      ("all-reduce", "f32", ("replica",))], report
+  outside = optax_sign._wire.parse_collectives(
+      "\n".join(comps[c] for c in _reachable(
+          comps, comps["__entry__"], skip={true_branch})), mesh=mesh)
+  assert not [c for c in outside.collectives if "replica" in c.axes], outside
+  for _ in range(8):
+    params, state = jax.block_until_ready(step(params, state, *args[2:]))
+  assert float(_vmap_loss(optax_sign.local_steps_anchor(state), xs[0],
+                          ys[0])) < float(_vmap_loss({"w": jnp.zeros(8)},
+                                                     xs[0], ys[0]))
+
+
+def test_unbound_axis_name_is_a_clear_error():
+  tx = optax_sign.dsm_ls(0.05, sync_every=4, axis_name="workers")
+  params = {"w": jnp.zeros(8)}
+  with pytest.raises(ValueError, match="axis_name='workers' is not bound"):
+    tx.update(params, tx.init(params), params)
+
+
+def test_vmap_state_rejects_other_states():
+  with pytest.raises(TypeError, match="LocalStepsState"):
+    optax_sign.local_steps_vmap_state(optax.adam(1e-3).init({}), 4)

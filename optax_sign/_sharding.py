@@ -1,0 +1,79 @@
+"""Meshes, partition specs and worker-stacked trees for the sharded entry points.
+
+Shared by :mod:`optax_sign._worker_grad` and :mod:`optax_sign._data_parallel`:
+finding the mesh of a call, reading a leaf's ``PartitionSpec``, refusing
+leaves sharded over the worker axis, and the leading worker axis convention
+(``x[None]`` inside a ``shard_map`` body, ``P(axis)`` outside).
+"""
+
+from typing import Any, Hashable, Sequence
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def check_axis_name(axis_name: Any) -> None:
+  if isinstance(axis_name, (tuple, list)) or axis_name is None:
+    raise ValueError(f"axis_name must name one mesh axis; got {axis_name!r}")
+
+
+def named_sharding(leaf: Any) -> Any:
+  """The ``NamedSharding`` of a concrete array or a tracer, else ``None``."""
+  sharding = getattr(leaf, "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    sharding = jax.typeof(leaf).sharding
+  return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def find_mesh(mesh: Any, trees: Sequence[Any], axis_name: Hashable) -> Any:
+  """``mesh``, else the context mesh, else the mesh of the first sharded leaf.
+
+  Raises:
+    ValueError: if no mesh is found or it has no axis ``axis_name``.
+  """
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    for leaf in jax.tree.leaves(trees):
+      sharding = named_sharding(leaf)
+      if sharding is not None and not sharding.mesh.empty:
+        mesh = sharding.mesh
+        break
+  if mesh is None or mesh.empty:
+    raise ValueError(
+        "no mesh found for the worker axis: pass mesh=, call inside "
+        "`with jax.set_mesh(mesh):`, or pass arrays placed with a "
+        "NamedSharding")
+  if axis_name not in mesh.axis_names:
+    raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh "
+                     f"(axes {mesh.axis_names})")
+  return mesh
+
+
+def spec_of(leaf: Any) -> tuple:
+  """The ``PartitionSpec`` entries of ``leaf``, padded with ``None`` to its
+  rank (all ``None`` when unknown, as under Auto axes inside ``jit``)."""
+  sharding = named_sharding(leaf)
+  entries = tuple(sharding.spec) if sharding is not None else ()
+  return entries + (None,) * (jax.numpy.ndim(leaf) - len(entries))
+
+
+def _uses(entry: Any, axis_name: Hashable) -> bool:
+  return entry == axis_name or (isinstance(entry, tuple) and axis_name in entry)
+
+
+def check_replicated(tree: Any, axis_name: Hashable, what: str) -> None:
+  """Raises if a leaf of ``tree`` is sharded over the worker axis."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if any(_uses(e, axis_name) for e in spec_of(leaf)):
+      raise ValueError(
+          f"{what} {jax.tree_util.keystr(path)} is sharded over the worker "
+          f"axis {axis_name!r} (FSDP over the voted axis): every worker must "
+          "hold the whole leaf on that axis. Shard it over another mesh axis "
+          "(for example 'fsdp' or 'model') instead.")
+
+
+def stack(tree: Any) -> Any:
+  """A leading worker axis of size 1 on this worker's block."""
+  return jax.tree.map(lambda x: x[None], tree)
