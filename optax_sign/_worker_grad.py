@@ -12,11 +12,13 @@ gradient (the memory of one gradient). Feed them to an optimizer wrapped by
 :func:`optax_sign.data_parallel`.
 """
 
+import functools
 import sys
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optax_sign import _communication
@@ -64,7 +66,8 @@ def worker_value_and_grad(
     ``has_aux``, ``((value, aux), grads)``; for an ``nnx.Module`` the
     gradients are an ``nnx.State`` of its parameters, as ``nnx.grad`` gives.
     State that ``fun`` changes in an ``nnx.Module`` other than its parameters
-    (RNG counters, batch statistics) is carried back from worker 0.
+    is written back the same on every worker: batch statistics averaged over
+    the workers, RNG counters from worker 0.
 
   Example:
     >>> grads_fn = worker_value_and_grad(loss_fn, "data")
@@ -105,21 +108,47 @@ def _value_and_grad(fun, axis_name, argnums, single, has_aux, mesh, args,
     out, grads = jax.value_and_grad(fun, diff, has_aux=has_aux)(*local)
     return _sharding.stack(out), _sharding.stack(grads)
 
-  return jax.shard_map(body, mesh=mesh, in_specs=specs,
-                       out_specs=P(axis_name), axis_names={axis_name})(*args)
+  explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
+                   if t == jax.sharding.AxisType.Explicit and a != axis_name)
+  region = jax.shard_map(body, mesh=_auto_over(mesh, explicit), in_specs=specs,
+                         out_specs=P(axis_name), axis_names={axis_name})
+  if not explicit:
+    return region(*args)
+  # JAX lowers a partly manual region with its other Explicit axes closed
+  # (replicated): a tensor-parallel model would be all-gathered. Made Auto
+  # over them, the compiler keeps the parameters sharded inside; the
+  # gradients come out sharded like the parameters.
+  diff = args[argnums[0]] if single else tuple(args[i] for i in argnums)
+  stacked = lambda spec: NamedSharding(mesh, P(axis_name, *spec))
+  grads_sharding = jax.tree.map(lambda x: stacked(_sharding.spec_of(x)), diff)
+  return jax.sharding.auto_axes(
+      region, axes=explicit,
+      out_sharding=(stacked(()), grads_sharding))(*args)
+
+
+def _auto_over(mesh: Any, axes: tuple) -> Any:
+  """``mesh`` with ``axes`` turned Auto (a concrete or an abstract mesh)."""
+  if not axes:
+    return mesh
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return mesh.update_axis_types({a: jax.sharding.AxisType.Auto
+                                   for a in axes})
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=tuple(
+      jax.sharding.AxisType.Auto if a in axes else t
+      for a, t in zip(mesh.axis_names, mesh.axis_types)))
 
 
 def _module_value_and_grad(fun, axis_name, argnums, single, has_aux, mesh,
                            modules, args):
   """:func:`worker_value_and_grad` when some differentiated arguments are NNX
   modules: differentiates their ``nnx.Param`` state; their other state goes in
-  whole and is written back from worker 0."""
+  whole as arrays and comes back shared (:func:`_shared`)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   pure, graphdefs, rest_at = list(args), {}, {}
   for i, module in modules.items():
     graphdefs[i], pure[i], rest = nnx.split(module, nnx.Param, ...)
     rest_at[i] = len(pure)
-    pure.append(rest)
+    pure.append(nnx.as_pure(rest))
 
   def pure_fun(*xs):
     xs = list(xs)
@@ -127,15 +156,42 @@ def _module_value_and_grad(fun, axis_name, argnums, single, has_aux, mesh,
       xs[i] = nnx.merge(graphdef, xs[i], xs[rest_at[i]])
     out = fun(*xs[:len(args)])
     value, aux = out if has_aux else (out, None)
-    rests = {i: nnx.state(xs[i], nnx.Not(nnx.Param)) for i in graphdefs}
+    rests = {i: jax.tree.map(functools.partial(_shared, axis_name=axis_name),
+                             nnx.as_pure(nnx.state(xs[i], nnx.Not(nnx.Param))))
+             for i in graphdefs}
     return value, (aux, rests)
 
   (value, (aux, rests)), grads = _value_and_grad(
       pure_fun, axis_name, argnums, single, True, mesh, pure,
       whole=tuple(rest_at.values()))
   for i, rest in rests.items():
-    nnx.update(modules[i], jax.tree.map(lambda x: x[0], rest))
+    nnx.update(modules[i], jax.tree.map(_first_copy, rest))
   return ((value, aux) if has_aux else value), grads
+
+
+def _shared(x: jax.Array, axis_name: Hashable) -> jax.Array:
+  """Module state other than parameters, made the same on every worker:
+  floating values that differ (batch statistics) are averaged over the
+  workers, integers (RNG counters) taken from worker 0."""
+  if axis_name not in _communication.varying_axes(x):
+    return x
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return jax.lax.pmean(x, axis_name)
+  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+    first = jax.lax.axis_index(axis_name) == 0
+    return jax.lax.psum(jnp.where(first, x, jnp.zeros_like(x)),
+                        axis_name).astype(x.dtype)
+  raise ValueError(f"module state of dtype {x.dtype} differs between the "
+                   f"workers of {axis_name!r} and cannot be carried back")
+
+
+def _first_copy(x: jax.Array) -> jax.Array:
+  """Worker 0's copy of a stacked leaf whose copies are all equal."""
+  sharding = _sharding.named_sharding(x)
+  if sharding is not None and any(
+      t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+    x = jax.sharding.reshard(x, P())
+  return x[0]
 
 
 def worker_grad(fun: Callable[..., Any], axis_name: Hashable, *,

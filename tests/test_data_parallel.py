@@ -298,3 +298,87 @@ def test_flax_nnx_optimizer_with_partitioned_model():
     state = jax.tree.map(lambda s: s[0], states)
   np.testing.assert_array_equal(np.asarray(kernel),
                                 np.asarray(params["hidden"]["kernel"]))
+
+
+def test_worker_grads_keep_tensor_parallel_params_sharded():
+  """No all-gather of parameters or gradients over "model" (JAX lowers the
+  worker-manual region with Explicit axes replicated unless made Auto)."""
+  mesh = _mesh(AxisType.Explicit)
+  params = jax.device_put(
+      _params(), {k: NamedSharding(mesh, s) for k, s in SPECS.items()})
+  batch = jax.device_put(_batch(), NamedSharding(mesh, P("data")))
+  grads_fn = optax_sign.worker_grad(_loss, "data")
+  report = optax_sign.communication_bytes(grads_fn, params, *batch)
+  assert report.collectives, "the row-parallel layer needs an all-reduce"
+  assert {(c.op, c.axes) for c in report.collectives} == {
+      ("all-reduce", ("model",))}, report
+  grads = jax.jit(grads_fn)(params, *batch)
+  for k, spec in SPECS.items():
+    assert grads[k].sharding.is_equivalent_to(
+        NamedSharding(mesh, P("data", *spec)), grads[k].ndim)
+
+
+def test_has_aux_and_tuple_argnums():
+  mesh = _mesh(AxisType.Explicit)
+  params = jax.device_put(
+      _params(), {k: NamedSharding(mesh, s) for k, s in SPECS.items()})
+  x, y = jax.device_put(_batch(), NamedSharding(mesh, P("data")))
+
+  def loss_aux(p, x, y):
+    value = _loss(p, x, y)
+    return value, {"twice": 2 * value}
+
+  (value, aux), grads = jax.jit(optax_sign.worker_value_and_grad(
+      loss_aux, "data", has_aux=True))(params, x, y)
+  np.testing.assert_allclose(aux["twice"], 2 * value, rtol=1e-6)
+  assert value.shape == (N,)
+  (both,), aux2 = jax.jit(optax_sign.worker_grad(
+      loss_aux, "data", has_aux=True, argnums=(0,)))(params, x, y)
+  for k in grads:
+    np.testing.assert_array_equal(both[k], grads[k])
+  np.testing.assert_array_equal(aux2["twice"], aux["twice"])
+
+
+def test_nnx_module_state_comes_back_shared():
+  """Batch statistics are averaged over the workers, RNG counters advance."""
+  nnx = pytest.importorskip("flax.nnx")
+  mesh = _mesh(AxisType.Explicit)
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(16, 8, rngs=rngs)
+      self.bn = nnx.BatchNorm(8, rngs=rngs)
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+      self.out = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.drop(self.bn(jax.nn.relu(self.lin(x)))))
+
+  def loss_fn(model, x, y):
+    return jnp.mean((model(x) - y) ** 2)
+
+  with jax.set_mesh(mesh):
+    model = Model(nnx.Rngs(0))
+    kernel, bias = model.lin.kernel[...], model.lin.bias[...]
+    tx = optax.chain(optax_sign.majority_vote("data"),
+                     optax.scale_by_learning_rate(1e-2))
+    optimizer = nnx.Optimizer(model, optax_sign.data_parallel(tx, "data"),
+                              wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+      loss, grads = optax_sign.worker_value_and_grad(loss_fn, "data")(
+          model, x, y)
+      optimizer.update(model, grads)
+      return loss
+
+    x, y = jax.device_put(_batch(), NamedSharding(mesh, P("data")))
+    loss = train_step(model, optimizer, x, y)
+    assert loss.shape == (N,)
+    batch_mean = jnp.mean(jax.nn.relu(_batch()[0] @ kernel + bias), axis=0)
+    np.testing.assert_allclose(np.asarray(model.bn.mean[...]),
+                               np.asarray((1 - 0.99) * batch_mean),
+                               rtol=1e-5, atol=1e-7)
+    train_step(model, optimizer, x, y)
+    assert int(model.drop.rngs.count[...]) == 2
