@@ -128,8 +128,9 @@ def _tie_sign_int(x: jax.Array, tie: str) -> jax.Array:
   Anything that is neither > 0 nor < 0, NaN included, takes the tie value.
   """
   tie_value = {"zero": 0, "positive": 1, "negative": -1}[tie]
-  one = jnp.ones(x.shape, jnp.int8)
-  return jnp.where(x > 0, one, jnp.where(x < 0, -one, jnp.int8(tie_value)))
+  # Scalars broadcast into x's layout (an unsharded ones array would not).
+  return jnp.where(x > 0, jnp.int8(1),
+                   jnp.where(x < 0, jnp.int8(-1), jnp.int8(tie_value)))
 
 
 def _pack(q: jax.Array, tie: str) -> jax.Array:
@@ -240,7 +241,8 @@ def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
 
   ``q`` is the group's int8 sign vector (zeroed for a dead worker) and the
   result, a vector of ``q``'s length, is cut back into the group's leaves in
-  their dtypes.
+  their dtypes. Without ``axis_name`` each leaf is combined as it is (no
+  flattening, so sharded leaves keep their layout).
   """
   _checks.check_tie(tie)
   _checks.check_choice("transport", transport, allowed)
@@ -252,11 +254,14 @@ def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
     own = (alive.reshape(()) if alive.size == 1
            else alive[lax.axis_index(axis_name)]).astype(bool)
   leaves, treedef = jax.tree.flatten(tree)
+  if axis_name is None:  # no collective: leaf by leaf, layouts kept
+    return treedef.unflatten([
+        combine(_masked(_tie_sign_int(v, tie), own), n, "psum", alive,
+                own).astype(v.dtype) for v in leaves])
   out = list(leaves)
   for group in leaf_groups(leaves):
     q = _signs_of([leaves[i] for i in group], tie)
-    if own is not None:
-      q = jnp.where(own, q, jnp.int8(0))
+    q = _masked(q, own)
     chosen = choose_transport(transport, n, q.size, tie, allowed)
     flat, start = combine(q, n, chosen, alive, own), 0
     for i in group:
@@ -264,6 +269,11 @@ def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
       out[i] = flat[start:start + v.size].reshape(v.shape).astype(v.dtype)
       start += v.size
   return treedef.unflatten(out)
+
+
+def _masked(q: jax.Array, own: Optional[jax.Array]) -> jax.Array:
+  """The signs ``q`` of this worker, zeroed if it is dead (``own`` False)."""
+  return q if own is None else jnp.where(own, q, jnp.int8(0))
 
 
 def group_sizes(tree: Any) -> list:

@@ -74,6 +74,19 @@ def check_replicated(tree: Any, axis_name: Hashable, what: str) -> None:
           "(for example 'fsdp' or 'model') instead.")
 
 
+def on_context_mesh(x: jax.Array) -> jax.Array:
+  """``x`` replicated on the mesh set by ``jax.set_mesh`` (as is without one).
+
+  State made from a value built outside the mesh (a PRNG key created at
+  import) then has the type that ``update`` gives it under the mesh.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  placed = isinstance(getattr(x, "sharding", None), NamedSharding)
+  if mesh.empty or placed or isinstance(x, jax.core.Tracer):
+    return x
+  return jax.sharding.reshard(x, P())
+
+
 def stack(tree: Any) -> Any:
   """A leading worker axis of size 1 on this worker's block."""
   return jax.tree.map(lambda x: x[None], tree)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sign import _checks
+from optax_sign import _sharding
 
 
 def tie_sign(x: jax.Array, tie: str = "zero") -> jax.Array:
@@ -129,7 +130,7 @@ def scale_by_randomized_sign(
 
   def init_fn(params):
     del params
-    return RandomizedSignState(key=key)
+    return RandomizedSignState(key=_sharding.on_context_mesh(key))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
