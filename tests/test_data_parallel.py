@@ -172,13 +172,31 @@ def _replay(make, steps, sharded):
     lambda axis: optax_sign.alias_sign_sgd(axis_name=axis),
     lambda axis: optax_sign.alias_sign_sgd("lower_bound", memory="sign",
                                            axis_name=axis),
-], ids=["error_feedback", "mean_of_signs", "alias", "alias_lower_bound"])
+    lambda axis: optax.chain(  # Signum with a vote: per-worker momentum
+        optax_sign.scale_by_lion_momentum(b1=0.9, b2=0.9),
+        optax_sign.majority_vote(axis), optax.scale_by_learning_rate(1e-2)),
+], ids=["error_feedback", "mean_of_signs", "alias", "alias_lower_bound",
+        "signum_vote"])
 def test_other_aggregators_match_reference(make):
   expected = _replay(make, steps=5, sharded=False)
   actual = _replay(make, steps=5, sharded=True)
   for e, a in zip(expected, actual):
     for k in e:
       np.testing.assert_allclose(a[k], e[k], rtol=2e-6, atol=1e-9)
+
+
+def test_state_leaves_are_per_worker_only_where_they_differ():
+  mesh = _mesh(AxisType.Explicit)
+  params = jax.device_put(
+      _params(), {k: NamedSharding(mesh, s) for k, s in SPECS.items()})
+  tx = optax_sign.data_parallel(optax.chain(
+      optax_sign.scale_by_lion_momentum(b1=0.9, b2=0.9),
+      optax_sign.majority_vote("data"), optax.scale_by_learning_rate(1e-2)),
+                                "data")
+  momentum, vote, _ = tx.init(params)
+  assert momentum.mu["w1"].shape == (N, 16, 32)  # a momentum of local grads
+  assert momentum.mu["w1"].sharding.spec == P("data", None, "model")
+  assert vote.count.shape == ()  # shared
 
 
 def test_error_feedback_residual_is_per_worker():

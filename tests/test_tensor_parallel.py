@@ -137,3 +137,25 @@ def test_alive_mask_with_mixed_replication():
     np.testing.assert_array_equal(np.asarray(out[k]),
                                   np.where(count > 0, 1, np.where(count < 0,
                                                                   -1, 1)))
+
+
+def test_alias_statistics_cover_every_model_shard():
+  """ALIAS's fused reduction sums sharded leaves over "model" and counts a
+  replicated leaf once, as the unsharded sums do."""
+  from optax_sign import _stepsize  # pylint: disable=g-import-not-at-top
+  grads = _grads(4, integers=False)
+  stacked = {"w": grads["w"].reshape(N * 16, 8), "b": grads["b"].reshape(-1)}
+
+  def stats(g):
+    out = _stepsize._global_reduce(
+        [("sum", jax.tree.map(jnp.abs, g)), ("max", jax.tree.map(jnp.abs, g))],
+        worker_axes=("data",))
+    return jnp.stack(out)[None]
+
+  got = np.asarray(_manual(stats, (GRAD_SPECS,), P("data"))(
+      _place(stacked, GRAD_SPECS)))
+  for i in range(N):
+    expected_sum = np.abs(grads["w"][i]).sum() + np.abs(grads["b"][i]).sum()
+    expected_max = max(np.abs(grads["w"][i]).max(), np.abs(grads["b"][i]).max())
+    np.testing.assert_allclose(np.asarray(got[i]),
+                               [expected_sum, expected_max], rtol=1e-6)
