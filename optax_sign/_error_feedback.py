@@ -6,6 +6,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_sign import _checks
@@ -42,32 +43,37 @@ def _shard_axes(p: jax.Array, axis_name) -> tuple:
 
 
 def _group_mean(p_leaves, axis_name, num_workers):
-  """:func:`_mean_of_scaled_signs` for leaves that vary over the same axes."""
-  sizes = [p.size for p in p_leaves]
+  """:func:`_mean_of_scaled_signs` for leaves that vary over the same axes.
+
+  Returns:
+    (own compressed leaves, mean leaves), flat float32 vectors per leaf.
+  """
   flat = jnp.concatenate([p.ravel() for p in p_leaves])
   scales = jnp.stack([_scale(p, _shard_axes(p, axis_name))
                       for p in p_leaves])  # [L] float32
-  positive = flat >= 0
   message = jnp.concatenate([
-      jnp.packbits(positive, bitorder="little"),
+      jnp.packbits(flat >= 0, bitorder="little"),
       lax.bitcast_convert_type(scales, jnp.uint8).ravel()])
   received = _communication.gather_invariant(message, axis_name)
   packed_size = -(-flat.size // 8)
-
-  def per_coordinate(scale_vector):
-    return jnp.repeat(scale_vector, jnp.array(sizes),
-                      total_repeat_length=flat.size)
-
-  total = None
-  for i in range(num_workers):  # a static sum, in worker order on every worker
+  starts = np.cumsum([0] + [p.size for p in p_leaves])
+  signs, alphas = [], []
+  for i in range(num_workers):
     bits = jnp.unpackbits(received[i, :packed_size], count=flat.size,
                           bitorder="little")
-    alpha = lax.bitcast_convert_type(
-        received[i, packed_size:].reshape(-1, 4), jnp.float32)
-    term = per_coordinate(alpha) * (2.0 * bits.astype(jnp.float32) - 1.0)
-    total = term if total is None else total + term
-  own = per_coordinate(scales) * jnp.where(positive, 1.0, -1.0)
-  return own, total / num_workers
+    signs.append(2.0 * bits.astype(jnp.float32) - 1.0)
+    alphas.append(lax.bitcast_convert_type(
+        received[i, packed_size:].reshape(-1, 4), jnp.float32))
+  own, mean = [], []
+  for j, p in enumerate(p_leaves):  # one scalar scale per leaf and worker
+    cut = slice(int(starts[j]), int(starts[j + 1]))
+    own.append(scales[j] * jnp.where(p.ravel() >= 0, 1.0, -1.0))
+    total = None  # a static sum, in worker order on every worker
+    for sign, alpha in zip(signs, alphas):
+      term = alpha[j] * sign[cut]
+      total = term if total is None else total + term
+    mean.append(total / num_workers)
+  return own, mean
 
 
 def _mean_of_scaled_signs(p_leaves, axis_name, num_workers):
@@ -85,12 +91,9 @@ def _mean_of_scaled_signs(p_leaves, axis_name, num_workers):
   own, mean = [None] * len(p_leaves), [None] * len(p_leaves)
   for group in _communication.leaf_groups(p_leaves):
     leaves = [p_leaves[i] for i in group]
-    own_flat, mean_flat = _group_mean(leaves, axis_name, num_workers)
-    start = 0
-    for i, p in zip(group, leaves):
-      own[i] = own_flat[start:start + p.size].reshape(p.shape)
-      mean[i] = mean_flat[start:start + p.size].reshape(p.shape)
-      start += p.size
+    for i, p, c, m in zip(group, leaves,
+                          *_group_mean(leaves, axis_name, num_workers)):
+      own[i], mean[i] = c.reshape(p.shape), m.reshape(p.shape)
   return own, mean
 
 
