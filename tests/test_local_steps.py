@@ -709,3 +709,60 @@ def test_unbound_axis_name_is_a_clear_error():
 def test_vmap_state_rejects_other_states():
   with pytest.raises(TypeError, match="LocalStepsState"):
     optax_sign.local_steps_vmap_state(optax.adam(1e-3).init({}), 4)
+
+
+def test_shard_map_replica_by_fsdp_equals_vmap_reference():
+  """Replicas over "replica", each replica's params sharded over "fsdp"; the
+  anchor and outer state sharded like one replica's params (fully manual)."""
+  mesh = jax.make_mesh((4, 2), ("replica", "fsdp"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  tx = optax_sign.dsm_ls(0.05, sync_every=4, axis_name="replica")
+  xs, ys = _vmap_problem()
+  state, axes = optax_sign.local_steps_vmap_state(
+      tx.init({"w": jnp.zeros(8)}), 4)
+  reference = jax.jit(jax.vmap(_vmap_step(tx), in_axes=(0, axes, 0, 0),
+                               out_axes=(0, axes), axis_name="replica"))
+  ref_params, ref_state = {"w": jnp.zeros((4, 8))}, state
+
+  def local(params, state, x, y):
+    # Each fsdp shard holds half of w: gather it for the loss, keep the
+    # update on the shard (the usual FSDP step, written by hand here).
+    inner = jax.tree.map(lambda s: s[0], state.inner_state)
+    state = state._replace(inner_state=inner)
+    w_full = jax.lax.all_gather(params["w"][0], "fsdp", tiled=True)
+    grads = jax.grad(_vmap_loss)({"w": w_full}, x[0], y[0])
+    index = jax.lax.axis_index("fsdp")
+    grads = {"w": jax.lax.dynamic_slice_in_dim(grads["w"], index * 4, 4)}
+    updates, state = tx.update(grads, state, {"w": params["w"][0]})
+    params = optax.apply_updates({"w": params["w"][0]}, updates)
+    inner = jax.tree.map(lambda s: s[None], state.inner_state)
+    return jax.tree.map(lambda p: p[None], params), state._replace(
+        inner_state=inner)
+
+  inner_specs = jax.tree.map(lambda s: P("replica", *([None] * (s.ndim - 2)),
+                                         "fsdp") if s.ndim > 1
+                             else P("replica"), state.inner_state)
+  state_specs = optax_sign.LocalStepsState(
+      count=P(), anchor={"w": P("fsdp")}, inner_state=inner_specs,
+      outer_state=jax.tree.map(lambda s: P("fsdp") if s.ndim else P(),
+                               state.outer_state))
+  step = jax.jit(jax.shard_map(
+      local, mesh=mesh,
+      in_specs=({"w": P("replica", "fsdp")}, state_specs, P("replica"),
+                P("replica")),
+      out_specs=({"w": P("replica", "fsdp")}, state_specs)))
+  place = lambda tree, specs: jax.device_put(tree, jax.tree.map(
+      lambda s: jax.sharding.NamedSharding(mesh, s), specs,
+      is_leaf=lambda s: isinstance(s, P)))
+  params = place({"w": jnp.zeros((4, 8))}, {"w": P("replica", "fsdp")})
+  sharded_state = place(state, state_specs)
+  x, y = place(xs, P("replica")), place(ys, P("replica"))
+  for _ in range(9):
+    params, sharded_state = jax.block_until_ready(
+        step(params, sharded_state, x, y))
+    ref_params, ref_state = reference(ref_params, ref_state, xs, ys)
+  np.testing.assert_allclose(np.asarray(params["w"]), ref_params["w"],
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(sharded_state.anchor["w"]),
+                             ref_state.anchor["w"], rtol=1e-6, atol=1e-7)
+  assert sharded_state.anchor["w"].sharding.spec == P("fsdp")
