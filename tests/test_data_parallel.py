@@ -175,14 +175,19 @@ def _replay(make, steps, sharded):
     lambda axis: optax.chain(  # Signum with a vote: per-worker momentum
         optax_sign.scale_by_lion_momentum(b1=0.9, b2=0.9),
         optax_sign.majority_vote(axis), optax.scale_by_learning_rate(1e-2)),
+    lambda axis: optax.chain(  # an injected learning rate after the vote
+        optax_sign.majority_vote(axis),
+        optax.inject_hyperparams(optax.sgd)(learning_rate=1e-2)),
 ], ids=["error_feedback", "mean_of_signs", "alias", "alias_lower_bound",
-        "signum_vote"])
+        "signum_vote", "inject_hyperparams_sgd"])
 def test_other_aggregators_match_reference(make):
   expected = _replay(make, steps=5, sharded=False)
   actual = _replay(make, steps=5, sharded=True)
   for e, a in zip(expected, actual):
     for k in e:
-      np.testing.assert_allclose(a[k], e[k], rtol=2e-6, atol=1e-9)
+      # Sums over the two model shards round in another order; means of
+      # nearly cancelling scaled signs (~4e-3 each) then differ by ~3e-9.
+      np.testing.assert_allclose(a[k], e[k], rtol=2e-6, atol=1e-8)
 
 
 def test_state_leaves_are_per_worker_only_where_they_differ():
