@@ -98,6 +98,9 @@ def vote_bytes(transport: str, num_workers: int, size: int,
   Returns:
     Bytes sent per worker, as a float.
   """
+  _checks.check_int("num_workers", num_workers, 1)
+  _checks.check_int("size", size, 0)
+  _checks.check_tie(tie)
   n, c = num_workers, _planes(tie)
   if transport == "psum":
     return 2.0 * (n - 1) / n * count_dtype(n).itemsize * size
@@ -341,11 +344,12 @@ def vote_signs(tree: Any, axis_name: Optional[AxisName], *,
     transport: ``"auto"``, ``"psum"``, ``"allgather"`` or ``"alltoall"``.
     alive: optional alive mask: this worker's boolean flag (a scalar), or a
       boolean vector of length :math:`N` replicated on every worker. A dead
-      worker abstains.
+      worker abstains; with no live worker the vote is 0 (no step) whatever
+      the tie policy.
 
   Returns:
     A pytree like ``tree`` with values in {-1, 0, +1} (0 only for
-    ``tie="zero"``), identical on every worker.
+    ``tie="zero"`` or when no worker is alive), identical on every worker.
 
   Raises:
     ValueError: for an unknown ``tie`` or ``transport``, an ``axis_name`` not
@@ -359,10 +363,14 @@ def vote_signs(tree: Any, axis_name: Optional[AxisName], *,
     and Fault Tolerant", ICLR 2019 (arXiv 1810.05291).
   """
   def combine(q, n, chosen, alive, own):
-    del own
     if chosen == "alltoall" and axis_name is not None:
-      return _vote_alltoall(q, axis_name, n, tie, alive)
-    return _tie_sign_int(_count(q, axis_name, n, tie, chosen, alive), tie)
+      vote = _vote_alltoall(q, axis_name, n, tie, alive)
+    else:
+      vote = _tie_sign_int(_count(q, axis_name, n, tie, chosen, alive), tie)
+    if alive is None or tie == "zero":  # tie="zero": no voter gives S = 0
+      return vote
+    # A two-valued tie would turn S = 0 into a full step on no information.
+    return jnp.where(_voters(axis_name, n, alive, own) > 0, vote, jnp.int8(0))
 
   return _exchange(tree, axis_name, tie, transport, alive, TRANSPORTS, combine)
 

@@ -380,3 +380,33 @@ def test_majority_vote_survives_sign_flippers_where_averaging_fails():
   masked = alive.at[0].set(False).at[_N - 1].set(False)
   masked_acc = _accuracy(_byzantine_run(xs, ys, masked, vote=True), x, y)
   assert masked_acc >= 0.9, masked_acc
+
+
+@pytest.mark.parametrize("tie", ["positive", "negative"])
+def test_no_live_worker_makes_no_step(tie):
+  """With a two-valued tie a vote of nobody would be +-1 everywhere."""
+  rng = np.random.default_rng(5)
+  v = rng.normal(size=(4, 37)).astype(np.float32)
+  for alive in (np.zeros(4, bool), np.array([False, True, False, False])):
+    votes = _all_votes(4, tie)(jnp.asarray(v), jnp.asarray(alive))
+    expected = _reference_vote(v, tie, alive) * alive.any()
+    for transport in TRANSPORTS:
+      np.testing.assert_array_equal(_join(votes[(transport, True)], 4),
+                                    np.tile(expected, (4, 1)),
+                                    err_msg=f"{transport} alive={alive}")
+  dead = jnp.zeros(4, bool)  # a replicated mask under a named vmap
+  out = jax.vmap(lambda x: optax_sign.vote_signs(
+      _split(x), "i", tie=tie, alive=dead), axis_name="i")(jnp.asarray(v))
+  np.testing.assert_array_equal(_join(out, 4), np.zeros((4, 37)))
+
+
+@pytest.mark.parametrize("args, match", [
+    (("psum", 0, 10), "num_workers must be an integer >= 1"),
+    (("alltoall", 2.5, 10), "num_workers must be an integer >= 1"),
+    (("allgather", 4, -1), "size must be an integer >= 0"),
+    (("psum", 4, 10, "maybe"), "tie must be one of"),
+    (("ring", 4, 10), "transport must be one of"),
+])
+def test_vote_bytes_rejects_bad_arguments(args, match):
+  with pytest.raises(ValueError, match=match):
+    optax_sign.vote_bytes(*args)
