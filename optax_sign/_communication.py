@@ -250,12 +250,7 @@ def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
   _checks.check_tie(tie)
   _checks.check_choice("transport", transport, allowed)
   n = axis_size(axis_name)
-  own = None
-  if alive is not None:
-    alive = jnp.asarray(alive)
-    _check_alive_shape(alive, axis_name, n)
-    own = (alive.reshape(()) if alive.size == 1
-           else alive[lax.axis_index(axis_name)]).astype(bool)
+  alive, own = alive_flags(alive, axis_name, n)
   leaves, treedef = jax.tree.flatten(tree)
   if axis_name is None:  # no collective: leaf by leaf, layouts kept
     return treedef.unflatten([
@@ -272,6 +267,23 @@ def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
       out[i] = flat[start:start + v.size].reshape(v.shape).astype(v.dtype)
       start += v.size
   return treedef.unflatten(out)
+
+
+def alive_flags(alive: Optional[jax.Array], axis_name: AxisName,
+                num_workers: int) -> Tuple[Optional[jax.Array],
+                                           Optional[jax.Array]]:
+  """The checked ``alive`` argument and this worker's own boolean flag.
+
+  ``alive`` is this worker's flag (a scalar) or a mask of shape ``(N,)``
+  replicated on every worker; ``(None, None)`` without one.
+  """
+  if alive is None:
+    return None, None
+  alive = jnp.asarray(alive)
+  _check_alive_shape(alive, axis_name, num_workers)
+  own = (alive.reshape(()) if alive.size == 1
+         else alive[lax.axis_index(axis_name)]).astype(bool)
+  return alive, own
 
 
 def _masked(q: jax.Array, own: Optional[jax.Array]) -> jax.Array:
@@ -370,7 +382,7 @@ def vote_signs(tree: Any, axis_name: Optional[AxisName], *,
     if alive is None or tie == "zero":  # tie="zero": no voter gives S = 0
       return vote
     # A two-valued tie would turn S = 0 into a full step on no information.
-    return jnp.where(_voters(axis_name, n, alive, own) > 0, vote, jnp.int8(0))
+    return jnp.where(live_workers(axis_name, n, alive, own) > 0, vote, jnp.int8(0))
 
   return _exchange(tree, axis_name, tie, transport, alive, TRANSPORTS, combine)
 
@@ -419,14 +431,14 @@ def mean_signs(tree: Any, axis_name: Optional[AxisName], *,
   """
   def combine(q, n, chosen, alive, own):
     count = _count(q, axis_name, n, tie, chosen, alive).astype(jnp.float32)
-    voters = _voters(axis_name, n, alive, own)
+    voters = live_workers(axis_name, n, alive, own)
     return jnp.where(voters > 0, count / jnp.maximum(voters, 1.0), 0.0)
 
   return _exchange(tree, axis_name, tie, transport, alive, _COUNT_TRANSPORTS,
                    combine)
 
 
-def _voters(axis_name, n, alive, own) -> jax.Array:
+def live_workers(axis_name, n, alive, own) -> jax.Array:
   """sum_i a_i as float32, from the mask, this worker's flag or N."""
   if alive is None:
     return jnp.float32(n)

@@ -42,7 +42,7 @@ def _shard_axes(p: jax.Array, axis_name) -> tuple:
   return tuple(a for a in _communication.varying_axes(p) if a not in workers)
 
 
-def _group_mean(p_leaves, axis_name, num_workers):
+def _group_mean(p_leaves, axis_name, num_workers, own, live):
   """:func:`_mean_of_scaled_signs` for leaves that vary over the same axes.
 
   Returns:
@@ -51,6 +51,8 @@ def _group_mean(p_leaves, axis_name, num_workers):
   flat = jnp.concatenate([p.ravel() for p in p_leaves])
   scales = jnp.stack([_scale(p, _shard_axes(p, axis_name))
                       for p in p_leaves])  # [L] float32
+  if own is not None:  # a dead worker sends zero scales: it adds nothing
+    scales = jnp.where(own, scales, 0.0)
   message = jnp.concatenate([
       jnp.packbits(flat >= 0, bitorder="little"),
       lax.bitcast_convert_type(scales, jnp.uint8).ravel()])
@@ -64,19 +66,20 @@ def _group_mean(p_leaves, axis_name, num_workers):
     signs.append(2.0 * bits.astype(jnp.float32) - 1.0)
     alphas.append(lax.bitcast_convert_type(
         received[i, packed_size:].reshape(-1, 4), jnp.float32))
-  own, mean = [], []
+  mine, mean = [], []
   for j, p in enumerate(p_leaves):  # one scalar scale per leaf and worker
     cut = slice(int(starts[j]), int(starts[j + 1]))
-    own.append(scales[j] * jnp.where(p.ravel() >= 0, 1.0, -1.0))
+    mine.append(scales[j] * jnp.where(p.ravel() >= 0, 1.0, -1.0))
     total = None  # a static sum, in worker order on every worker
     for sign, alpha in zip(signs, alphas):
       term = alpha[j] * sign[cut]
       total = term if total is None else total + term
-    mean.append(total / num_workers)
-  return own, mean
+    mean.append(jnp.where(live > 0, total / jnp.maximum(live, 1.0), 0.0))
+  return mine, mean
 
 
-def _mean_of_scaled_signs(p_leaves, axis_name, num_workers):
+def _mean_of_scaled_signs(p_leaves, axis_name, num_workers, own=None,
+                          live=None):
   """Per-worker compression and the mean of all workers' compressed vectors.
 
   Worker i sends its sign bits (``p >= 0``, packed 8 per byte) and one float32
@@ -85,16 +88,20 @@ def _mean_of_scaled_signs(p_leaves, axis_name, num_workers):
   worker then forms ``(1 / N) sum_i alpha_i sign_i`` in the same order, so all
   get equal bits.
 
+  Dead workers (``own`` False on them) send zero scales and the mean is over
+  the ``live`` ones (0 when none is alive).
+
   Returns:
     (own compressed leaves c_i, mean leaves), both float32.
   """
-  own, mean = [None] * len(p_leaves), [None] * len(p_leaves)
+  live = jnp.float32(num_workers) if live is None else live
+  mine, mean = [None] * len(p_leaves), [None] * len(p_leaves)
   for group in _communication.leaf_groups(p_leaves):
     leaves = [p_leaves[i] for i in group]
-    for i, p, c, m in zip(group, leaves,
-                          *_group_mean(leaves, axis_name, num_workers)):
-      own[i], mean[i] = c.reshape(p.shape), m.reshape(p.shape)
-  return own, mean
+    for i, p, c, m in zip(group, leaves, *_group_mean(
+        leaves, axis_name, num_workers, own, live)):
+      mine[i], mean[i] = c.reshape(p.shape), m.reshape(p.shape)
+  return mine, mean
 
 
 def scale_by_error_feedback_sign(
@@ -117,7 +124,11 @@ def scale_by_error_feedback_sign(
   :math:`i` compresses its own :math:`p_{i,t} = g_{i,t} + e_{i,t}` with the
   sign bit :math:`p \ge 0` (an exact zero counts as :math:`+1`), sends the
   packed bits and one float32 scale per leaf in a single all-gather, and every
-  worker outputs the same :math:`u_t = \frac{1}{N}\sum_i c_{i,t}`. The residual
+  worker outputs the same :math:`u_t = \frac{1}{N}\sum_i c_{i,t}`. With the
+  extra argument ``alive=`` (this worker's flag, or a replicated mask of shape
+  ``(N,)``; e.g. ``alive=all(isfinite(g))``) the mean is over the live workers
+  only, a dead worker keeps its residual, and with no live worker the update
+  is 0. The residual
   :math:`e_{i,t+1} = p_{i,t} - c_{i,t}` stays **per worker**: about
   :math:`(N-1)(1/8 + 4L/d)` bytes per parameter are sent (:math:`L` leaves).
 
@@ -159,7 +170,7 @@ def scale_by_error_feedback_sign(
         error=optax.tree.zeros_like(params, dtype=state_dtype))
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del params
     p = jax.tree.map(lambda g, e: g.astype(jnp.float32) + e.astype(jnp.float32),
                      updates, state.error)
     if axis_name is None:
@@ -167,9 +178,16 @@ def scale_by_error_feedback_sign(
       error = jax.tree.map(lambda x, c: (x - c.astype(jnp.float32)), p, u)
     else:
       n = _communication.axis_size(axis_name)
+      alive, own = _communication.alive_flags(extra_args.get("alive"),
+                                              axis_name, n)
+      live = (None if alive is None
+              else _communication.live_workers(axis_name, n, alive, own))
       leaves, treedef = jax.tree.flatten(p)
-      own, mean = _mean_of_scaled_signs(leaves, axis_name, n)
-      error = treedef.unflatten([x - c for x, c in zip(leaves, own)])
+      mine, mean = _mean_of_scaled_signs(leaves, axis_name, n, own, live)
+      error = treedef.unflatten([x - c for x, c in zip(leaves, mine)])
+      if own is not None:  # a dead worker keeps its residual
+        error = jax.tree.map(lambda new, old: jnp.where(
+            own, new, old.astype(jnp.float32)), error, state.error)
       u = jax.tree.map(lambda m, g: m.astype(g.dtype),
                        treedef.unflatten(mean), updates)
     return u, ErrorFeedbackState(error=optax.tree.cast(error, state_dtype))

@@ -125,3 +125,45 @@ def test_unbound_axis_is_a_clear_error():
   g = {"w": jnp.ones(3)}
   with pytest.raises(ValueError, match="not bound"):
     tx.update(g, tx.init(g))
+
+
+def _ef_reference(g, e, alive):
+  """NumPy EF across workers, the live workers only: [N, d] leaves."""
+  p = g + e
+  scale = np.abs(p).mean(axis=1, keepdims=True)
+  c = scale * np.where(p >= 0, 1.0, -1.0)
+  live = alive.sum()
+  mean = (c[alive].sum(0) / live) if live else np.zeros(p.shape[1])
+  new_e = np.where(alive[:, None], p - c, e)
+  return mean.astype(np.float32), new_e.astype(np.float32)
+
+
+@pytest.mark.parametrize("dead", [(), (1,), (0, 3, 5), tuple(range(8))])
+def test_alive_excludes_dead_and_nan_workers(dead):
+  """Dead workers (here with NaN or 1e6-scaled gradients) change nothing:
+  the update is the live workers' mean, their residuals stay."""
+  n = 8
+  rng = np.random.default_rng(len(dead))
+  g = rng.normal(size=(n, 12)).astype(np.float32)
+  e = rng.normal(size=(n, 12)).astype(np.float32) * 0.1
+  alive = np.ones(n, bool)
+  alive[list(dead)] = False
+  g_sent = g.copy()
+  for k, i in enumerate(dead):
+    g_sent[i] = np.nan if k % 2 == 0 else 1e6 * g[i]
+  tx = optax_sign.scale_by_error_feedback_sign(axis_name="i")
+
+  def worker(g, e, a):
+    state = optax_sign.ErrorFeedbackState(error={"w": e})
+    u, state = tx.update({"w": g}, state, alive=a)
+    return u["w"], state.error["w"]
+
+  u, new_e = jax.jit(jax.vmap(worker, axis_name="i"))(
+      jnp.asarray(g_sent), jnp.asarray(e), jnp.asarray(alive))
+  expected_u, expected_e = _ef_reference(g, e, alive)
+  for i in range(n):
+    np.testing.assert_allclose(np.asarray(u[i]), expected_u, rtol=1e-5,
+                               atol=1e-7)
+  np.testing.assert_allclose(np.asarray(new_e), expected_e, rtol=1e-5,
+                             atol=1e-6)
+  assert np.all(np.isfinite(np.asarray(u)))
