@@ -96,7 +96,11 @@ def local_steps(
 
   The average is a ``pmean`` over ``axis_name`` in float32 (one fp32
   all-reduce of the parameters), placed inside ``lax.cond`` on the replicated
-  counter: the other steps run no collective at all. The inner state is never
+  counter: the other steps run no collective at all. With the extra argument
+  ``alive=`` (this worker's flag or a replicated ``(N,)`` mask, read on sync
+  steps) the average is over the live workers only, every worker (a dead one
+  too) moves to the new anchor, and with no live worker the round makes no
+  outer step. The inner state is never
   averaged or reset. The wrapper must be the outermost transformation (nothing
   may rescale its updates) and ``update`` needs ``params``. Evaluate
   :func:`local_steps_anchor` (the anchor); after a sync the local parameters
@@ -160,10 +164,31 @@ def local_steps(
         inner_state=inner.init(params),
         outer_state=outer.init(anchor))
 
-  def sync_step(count, local_new, anchor, outer_state):
+  def average(local_new, anchor, alive):
+    """The workers' mean model, over the live ones with ``alive=``."""
     avg = jax.tree.map(lambda x, a: x.astype(a.dtype), local_new, anchor)
-    if axis_name is not None:
-      avg = jax.lax.pmean(avg, axis_name)
+    if axis_name is None:
+      return avg, None
+    n = _communication.axis_size(axis_name)
+    alive, own = _communication.alive_flags(alive, axis_name, n)
+    if alive is None:
+      return jax.lax.pmean(avg, axis_name), None
+    live = _communication.live_workers(axis_name, n, alive, own)
+    total = jax.lax.psum(jax.tree.map(
+        lambda x: jnp.where(own, x, jnp.zeros_like(x)), avg), axis_name)
+    return jax.tree.map(lambda x: x / jnp.maximum(live, 1).astype(x.dtype),
+                        total), live > 0
+
+  def sync_step(count, local_new, anchor, outer_state, alive):
+    avg, any_live = average(local_new, anchor, alive)
+    new_anchor, new_outer = outer_step(count, avg, anchor, outer_state)
+    if any_live is None:
+      return new_anchor, new_outer
+    # No live worker: no outer step; everyone returns to the anchor.
+    return (optax.tree.where(any_live, new_anchor, anchor),
+            optax.tree.where(any_live, new_outer, outer_state))
+
+  def outer_step(count, avg, anchor, outer_state):
     delta = optax.tree.sub(anchor, avg)
     if not scaled:
       step, new_outer = outer.update(delta, outer_state, anchor)
@@ -197,7 +222,8 @@ def local_steps(
 
     def on_sync(operands):
       count, local_new, params, anchor, outer_state = operands
-      new_anchor, new_outer = sync_step(count, local_new, anchor, outer_state)
+      new_anchor, new_outer = sync_step(count, local_new, anchor, outer_state,
+                                        extra_args.get("alive"))
       emitted = jax.tree.map(
           lambda a, p, u, ax: _vary((a - p.astype(a.dtype)).astype(u.dtype),
                                     ax),

@@ -766,3 +766,42 @@ def test_shard_map_replica_by_fsdp_equals_vmap_reference():
   np.testing.assert_allclose(np.asarray(sharded_state.anchor["w"]),
                              ref_state.anchor["w"], rtol=1e-6, atol=1e-7)
   assert sharded_state.anchor["w"].sharding.spec == P("fsdp")
+
+
+@pytest.mark.parametrize("dead", [(2,), (0, 3), (0, 1, 2, 3)])
+def test_alive_averages_live_replicas_only(dead):
+  """At a sync, dead replicas (here with parameters 1e3) are left out of the
+  average; everyone moves to the new anchor (to one float32 rounding of
+  params + (anchor - params)); no live replica: no outer step."""
+  workers = 4
+  alive = np.ones(workers, bool)
+  alive[list(dead)] = False
+  tx = optax_sign.local_steps(optax.sgd(0.1), optax.sgd(1.0), sync_every=2,
+                              axis_name="w", pseudo_grad_scale="none")
+  xs, ys = _vmap_problem(workers)
+  state, axes = optax_sign.local_steps_vmap_state(
+      tx.init({"w": jnp.zeros(8)}), workers)
+
+  def step(params, state, x, y, a):
+    updates, state = tx.update(jax.grad(_vmap_loss)(params, x, y), state,
+                               params, alive=a)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(jax.vmap(step, in_axes=(0, axes, 0, 0, 0),
+                          out_axes=(0, axes), axis_name="w"))
+  params = {"w": jnp.zeros((workers, 8))}
+  everyone = jnp.ones(workers, bool)
+  params, state = step(params, state, xs, ys, everyone)  # a local step
+  corrupt = params["w"].at[jnp.asarray(list(dead))].set(1e3)
+  local = {"w": corrupt}
+  # Expected local models after this step's inner sgd, then their live mean.
+  grads = jax.vmap(jax.grad(_vmap_loss))(local, xs, ys)
+  local_new = np.asarray(local["w"] - 0.1 * grads["w"])
+  expected = (local_new[alive].mean(0) if alive.any()
+              else np.asarray(state.anchor["w"]))
+  params, state = step(local, state, xs, ys, jnp.asarray(alive))  # a sync
+  np.testing.assert_allclose(np.asarray(state.anchor["w"]), expected,
+                             rtol=1e-5, atol=1e-6)
+  for i in range(workers):  # every replica rejoins at the anchor
+    np.testing.assert_allclose(np.asarray(params["w"][i]), expected,
+                               rtol=1e-5, atol=1e-3 if i in dead else 1e-6)
