@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TIE_POLICIES = ("zero", "positive", "negative")
 
@@ -59,7 +60,9 @@ def check_tie(tie: Any) -> None:
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+  """Raises unless ``value`` is a Python or NumPy integer >= ``minimum``."""
+  if (isinstance(value, (bool, np.bool_))
+      or not isinstance(value, (int, np.integer)) or value < minimum):
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 

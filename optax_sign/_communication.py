@@ -31,6 +31,7 @@ them with a per-worker spec, or use ``check_vma=False``. ``pmap`` and named
 ``vmap`` give per-worker gradients without help.
 """
 
+import math
 from typing import Any, Hashable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sign import _checks
+from optax_sign import _sharding
 
 AxisName = Union[Hashable, Tuple[Hashable, ...]]
 
@@ -256,17 +258,22 @@ def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
     return treedef.unflatten([
         combine(_masked(_tie_sign_int(v, tie), own), n, "psum", alive,
                 own).astype(v.dtype) for v in leaves])
-  out = list(leaves)
-  for group in leaf_groups(leaves):
-    q = _signs_of([leaves[i] for i in group], tie)
-    q = _masked(q, own)
-    chosen = choose_transport(transport, n, q.size, tie, allowed)
-    flat, start = combine(q, n, chosen, alive, own), 0
-    for i in group:
-      v = leaves[i]
-      out[i] = flat[start:start + v.size].reshape(v.shape).astype(v.dtype)
-      start += v.size
-  return treedef.unflatten(out)
+
+  def by_group(leaves, shared):
+    alive, own = shared
+    out = list(leaves)
+    for group in leaf_groups(leaves):
+      q = _masked(_signs_of([leaves[i] for i in group], tie), own)
+      chosen = choose_transport(transport, n, q.size, tie, allowed)
+      flat, start = combine(q, n, chosen, alive, own), 0
+      for i in group:
+        v = leaves[i]
+        out[i] = flat[start:start + v.size].reshape(v.shape).astype(v.dtype)
+        start += v.size
+    return out
+
+  return treedef.unflatten(
+      _sharding.on_local_shards(by_group, leaves, (alive, own)))
 
 
 def alive_flags(alive: Optional[jax.Array], axis_name: AxisName,
@@ -292,9 +299,20 @@ def _masked(q: jax.Array, own: Optional[jax.Array]) -> jax.Array:
 
 
 def group_sizes(tree: Any) -> list:
-  """Coordinates per exchanged group of ``tree`` (see :func:`leaf_groups`)."""
-  leaves = jax.tree.leaves(tree)
-  return [sum(leaves[i].size for i in g) for g in leaf_groups(leaves)]
+  """Coordinates each worker exchanges per group of ``tree``: its local
+  shards, grouped as :func:`leaf_groups` groups them (also where
+  :func:`optax_sign._sharding.on_local_shards` makes the shards local)."""
+  free = _sharding.free_explicit_axes()
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = {}
+  for leaf in jax.tree.leaves(tree):
+    spec_axes = [a for entry in _sharding.spec_of(leaf) if entry is not None
+                 for a in (entry if isinstance(entry, tuple) else (entry,))
+                 if a in free]
+    key = tuple(sorted(set(varying_axes(leaf)) | set(spec_axes), key=str))
+    local = leaf.size // max(1, math.prod(mesh.shape[a] for a in spec_axes))
+    sizes[key] = sizes.get(key, 0) + local
+  return list(sizes.values())
 
 
 def _count(q, axis_name, n, tie, transport, alive):

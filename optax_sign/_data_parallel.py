@@ -17,17 +17,19 @@ at trace time, before any step, by tracing one update from a shared state
 (JAX's varying-axes types mark what depends on a worker's own gradient), to a
 fixed point; so the state's structure depends only on the parameters' shapes.
 
-**Layouts.** When every other mesh axis is ``Explicit`` (the default of
-``jax.make_mesh``), the ``shard_map`` is manual over all axes with the specs
-read from the arrays: each worker exchanges only its local shard, leaves
-sharded over ``"model"`` and replicated leaves go in separate collectives,
-and whole-model statistics sum over the shards. Otherwise (``Auto`` axes,
-whose layout is unknown inside ``jit``) it is manual over the worker axis
-only and the compiler partitions the rest (correct, but flattening leaves
-may cost traffic over those axes).
+**Layout.** The ``shard_map`` is manual over the worker axis only, so the
+other mesh axes stay with the compiler and any optax step in the chain
+(``clip_by_global_norm``, schedules) sees whole leaves. The library's own
+exchanges (the vote, mean of signs, error feedback) then work on local
+shards by themselves on ``Explicit`` axes
+(:func:`optax_sign._sharding.on_local_shards`): each worker sends only its
+shard, leaves sharded over ``"model"`` and replicated leaves in separate
+collectives. On ``Auto`` axes, whose layout is unknown inside ``jit``, they
+work on whole flattened leaves and the compiler reshards them (correct, but
+with traffic over those axes).
 """
 
-from typing import Any, Callable, Dict, Hashable, Optional
+from typing import Any, Dict, Hashable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,35 +37,21 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
 
+from optax_sign import _checks
 from optax_sign import _communication
 from optax_sign import _sharding
 
 _EXPLICIT = jax.sharding.AxisType.Explicit
 
 
-def _fully_manual(mesh: Any, axis_name: Hashable, state: Any,
-                  params: Any) -> bool:
-  """Whether the update can run on local shards: every other mesh axis is
-  Explicit (so the leaves' specs are known) and every state leaf is a scalar
-  or shaped like a parameter (so it is sharded like one; packed bit planes
-  are not, and take the partly manual layout)."""
-  shapes = {tuple(jnp.shape(p)) for p in jax.tree.leaves(params)}
-  return (all(t == _EXPLICIT for a, t in zip(mesh.axis_names, mesh.axis_types)
-              if a != axis_name) and
-          all(x.ndim == 0 or tuple(x.shape) in shapes
-              for x in jax.tree.leaves(state)))
-
-
 def _drop_first(tree: Any) -> Any:
   return jax.tree.map(lambda x: x[0], tree)
 
 
-def _drop_first_where(tree: Any, mask: Any) -> Any:
-  """Shapes of ``tree`` without the leading worker axis where ``mask``."""
-  return jax.tree.map(
-      lambda x, m: jax.ShapeDtypeStruct(x.shape[1:] if m else x.shape,
-                                        x.dtype), tree,
-      jax.tree.map(lambda _: mask, tree) if isinstance(mask, bool) else mask)
+def _one_worker_shapes(tree: Any) -> Any:
+  """Shape-dtype structs of a stacked tree without its leading worker axis."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                      tree)
 
 
 def _abstract(shapes: Any, mask: Any, num_workers: int) -> Any:
@@ -86,7 +74,7 @@ def _first_changed_path(tree: Any) -> Optional[str]:
   return None
 
 
-def _trace_step(inner, mesh, axis_name, params, state, mask, value):
+def _trace_step(inner, mesh, axis_name, params, state, mask, extra):
   """Traces one update (no run) with ``mask``-ed state leaves per worker.
 
   Returns:
@@ -97,10 +85,12 @@ def _trace_step(inner, mesh, axis_name, params, state, mask, value):
   found = {}
   state_specs = jax.tree.map(lambda m: P(axis_name) if m else P(), mask)
 
-  def body(grads, state, params, value):
+  per_worker, shared = extra
+
+  def body(grads, state, params, per_worker, shared):
     state = jax.tree.map(lambda x, m: x[0] if m else x, state, mask)
     updates, new_state = inner.update(_drop_first(grads), state, params,
-                                      value=value[0])
+                                      **_drop_first(per_worker), **shared)
     found["updates"] = _varies(updates, axis_name)
     found["state"] = _varies(new_state, axis_name)
     return _sharding.stack((updates, new_state))
@@ -108,18 +98,38 @@ def _trace_step(inner, mesh, axis_name, params, state, mask, value):
   grads = _abstract(params, jax.tree.map(lambda _: True, params), num_workers)
   jax.eval_shape(jax.shard_map(
       body, mesh=mesh, axis_names={axis_name},
-      in_specs=(P(axis_name), state_specs, P(), P(axis_name)),
+      in_specs=(P(axis_name), state_specs, P(), P(axis_name), P()),
       out_specs=P(axis_name)), grads, _abstract(state, mask, num_workers),
-      params, value)
+      params, per_worker, shared)
   return found["updates"], found["state"]
 
 
+PER_WORKER_ARGS = ("value", "alive", "prev_grads")
+
+
+def _traced_extra(names: Sequence[str], params: Any,
+                  num_workers: int) -> tuple:
+  """Abstract extra arguments for the state trace: those in ``names`` per
+  worker, and a shared ``value=`` when it is not one of them."""
+  stacked = lambda shape, dtype: jax.ShapeDtypeStruct((num_workers,) + shape,
+                                                      dtype)
+  kinds = {"value": lambda: stacked((), jnp.float32),
+           "alive": lambda: stacked((), jnp.bool_),
+           "prev_grads": lambda: jax.tree.map(
+               lambda p: stacked(tuple(p.shape), p.dtype), params)}
+  shared = {} if "value" in names else {
+      "value": jax.ShapeDtypeStruct((), jnp.float32)}
+  return {name: kinds[name]() for name in names}, shared
+
+
 def worker_state_mask(inner: optax.GradientTransformationExtraArgs,
-                      params: Any, mesh: Any, axis_name: Hashable) -> Any:
+                      params: Any, mesh: Any, axis_name: Hashable,
+                      per_worker_args: Sequence[str] = ("value",)) -> Any:
   """Which leaves of ``inner.init(params)`` differ between workers.
 
-  The fixed point of tracing one update (with a per-worker ``value=``) from a
-  state whose per-worker leaves are those found so far.
+  The fixed point of tracing one update, with the extra arguments named in
+  ``per_worker_args`` given per worker, from a state whose per-worker leaves
+  are those found so far.
 
   Raises:
     ValueError: if the updates still differ between workers.
@@ -127,11 +137,11 @@ def worker_state_mask(inner: optax.GradientTransformationExtraArgs,
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x),
                                                         x.dtype), params)
   state = jax.eval_shape(inner.init, params)
-  value = jax.ShapeDtypeStruct((mesh.shape[axis_name],), jnp.float32)
+  extra = _traced_extra(per_worker_args, params, mesh.shape[axis_name])
   mask = jax.tree.map(lambda _: False, state)
   while True:
     updates_vary, state_vary = _trace_step(inner, mesh, axis_name, params,
-                                           state, mask, value)
+                                           state, mask, extra)
     _check_agreed(updates_vary, axis_name)
     new_mask = jax.tree.map(lambda a, b: a or b, mask, state_vary)
     if new_mask == mask:
@@ -160,25 +170,18 @@ def _place(state: Any, mask: Any, mesh: Any, axis_name: Hashable) -> Any:
     if not per_worker:
       return x
     x = jnp.asarray(x)
-    spec = P(axis_name, *_sharding.spec_of(x))
     stacked = jnp.broadcast_to(x[None], (num_workers,) + x.shape)
-    if isinstance(mesh, jax.sharding.AbstractMesh):
-      return jax.sharding.reshard(stacked, spec)
-    return jax.device_put(stacked, NamedSharding(mesh, spec))
+    known = _sharding.named_sharding(x) is not None
+    # Dims of unknown layout (Auto axes inside jit) stay the compiler's.
+    rest = [e if known else P.UNCONSTRAINED for e in _sharding.spec_of(x)]
+    sharding = NamedSharding(mesh, P(axis_name, *rest))
+    if isinstance(x, jax.core.Tracer):
+      if all(t == _EXPLICIT for t in mesh.axis_types):
+        return jax.sharding.reshard(stacked, sharding)
+      return jax.lax.with_sharding_constraint(stacked, sharding)
+    return jax.device_put(stacked, sharding)
 
   return jax.tree.map(place, state, mask)
-
-
-def _specs(tree: Any, stacked: Any, axis_name: Hashable, full: bool) -> Any:
-  """In/out specs: the leaves' own (fully manual) or the worker axis only."""
-
-  def spec(x, s):
-    if not full:
-      return P(axis_name) if s else P()
-    entries = _sharding.spec_of(x)
-    return P(axis_name, *entries[1:]) if s else P(*entries)
-
-  return jax.tree.map(spec, tree, stacked)
 
 
 def _split_extra(extra_args: Dict[str, Any], num_workers: int) -> Any:
@@ -189,7 +192,9 @@ def _split_extra(extra_args: Dict[str, Any], num_workers: int) -> Any:
 
 def data_parallel(
     inner: optax.GradientTransformation, axis_name: Hashable, *,
-    mesh: Optional[Any] = None) -> optax.GradientTransformationExtraArgs:
+    mesh: Optional[Any] = None,
+    per_worker_args: Sequence[str] = ("value",),
+) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` once per worker on stacked per-worker gradients.
 
   ``update(grads, state, params)`` takes the output of
@@ -214,10 +219,18 @@ def data_parallel(
     axis_name: the mesh axis of the workers (one name).
     mesh: the mesh; defaults to the one set by ``jax.set_mesh`` or the mesh
       of the first leaf placed with a ``NamedSharding``.
+    per_worker_args: the extra arguments that will be passed per worker, out
+      of ``"value"``, ``"alive"`` and ``"prev_grads"``: the state trace gives
+      them per worker, so state they feed is stored per worker. Pass ``()``
+      for an inner transformation that needs one shared ``value=`` (e.g.
+      ``optax.contrib.reduce_on_plateau``) and give it the mean loss.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` for ``nnx.Optimizer``,
-    ``optax.apply_updates`` and ``optax`` wrappers.
+    An ``optax.GradientTransformationExtraArgs`` for ``nnx.Optimizer`` and
+    ``optax.apply_updates``. Its updates are shaped like the parameters, not
+    like its stacked input, so wrap ``inner`` (not the result) in optax
+    wrappers that keep gradient-shaped state or branch on the updates
+    (``optax.MultiSteps``, ``optax.apply_if_finite``).
 
   Raises:
     ValueError: at ``init`` or trace time, if ``inner``'s updates still differ
@@ -231,20 +244,23 @@ def data_parallel(
     ...                    "data")
   """
   _sharding.check_axis_name(axis_name)
+  for name in per_worker_args:
+    _checks.check_choice("per_worker_args entries", name, PER_WORKER_ARGS)
+  per_worker_args = tuple(per_worker_args)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     found = _sharding.find_mesh(mesh, params, axis_name)
     _sharding.check_replicated(params, axis_name, "parameter")
-    mask = worker_state_mask(inner, params, found, axis_name)
+    mask = worker_state_mask(inner, params, found, axis_name, per_worker_args)
     return _place(inner.init(params), mask, found, axis_name)
 
   def update_fn(updates, state, params=None, **extra_args):
     found = _sharding.find_mesh(mesh, (updates, params), axis_name)
     _sharding.check_replicated(params, axis_name, "parameter")
     like = (params if params is not None
-            else _drop_first_where(updates, True))
-    mask = worker_state_mask(inner, like, found, axis_name)
+            else _one_worker_shapes(updates))
+    mask = worker_state_mask(inner, like, found, axis_name, per_worker_args)
     return _run(inner, found, axis_name, mask, updates, state, params,
                 extra_args)
 
@@ -252,34 +268,42 @@ def data_parallel(
 
 
 def _run(inner, mesh, axis_name, mask, updates, state, params, extra_args):
-  """The ``shard_map`` of one update, with the layouts of the module notes."""
-  full = _fully_manual(mesh, axis_name, _drop_first_where(state, mask),
-                      _drop_first_where(updates, True))
+  """The ``shard_map`` of one update, manual over the workers' axis only."""
   split = _split_extra(extra_args, mesh.shape[axis_name])
+  spec = lambda stacked: P(axis_name) if stacked else P()
   every = lambda tree, flag: jax.tree.map(lambda _: flag, tree)
-  grad_specs = _specs(updates, every(updates, True), axis_name, full)
-  param_specs = _specs(params, every(params, False), axis_name, full)
-  state_specs = _specs(state, mask, axis_name, full)
-  extra_specs = _specs(extra_args, split, axis_name, full)
-  out_specs = (jax.tree.map(lambda g: P(*_sharding.spec_of(g)[1:]), updates)
-               if full else P())
+  updates, state, extra_args = jax.tree.map(
+      lambda x, s: _on_worker_axis(x, axis_name) if s else x,
+      (updates, state, extra_args), (every(updates, True), mask, split))
 
   def body(updates, state, params, extra_args):
     state = jax.tree.map(lambda x, m: x[0] if m else x, state, mask)
     extra_args = jax.tree.map(lambda x, s: x[0] if s else x, extra_args, split)
-    new_updates, new_state = _on_auto_axes(
-        lambda u, s, p, e: inner.update(u, s, p, **e), _drop_first(updates),
-        state)(_drop_first(updates), state, params, extra_args)
+    new_updates, new_state = inner.update(_drop_first(updates), state, params,
+                                          **extra_args)
     _check_agreed(_varies(new_updates, axis_name), axis_name)
     _check_shared(jax.tree.map(lambda v, m: v and not m,
                                _varies(new_state, axis_name), mask), axis_name)
     return new_updates, jax.tree.map(lambda x, m: x[None] if m else x,
                                      new_state, mask)
 
+  state_specs = jax.tree.map(spec, mask)
   return jax.shard_map(
-      body, mesh=mesh, axis_names=set(mesh.axis_names) if full else {axis_name},
-      in_specs=(grad_specs, state_specs, param_specs, extra_specs),
-      out_specs=(out_specs, state_specs))(updates, state, params, extra_args)
+      body, mesh=mesh, axis_names={axis_name},
+      in_specs=(P(axis_name), state_specs, P(), jax.tree.map(spec, split)),
+      out_specs=(P(), state_specs))(updates, state, params, extra_args)
+
+
+def _on_worker_axis(x: Any, axis_name: Hashable) -> Any:
+  """``x`` with its leading axis sharded over the workers (on Explicit
+  meshes a replicated ``alive=`` mask must be resharded first)."""
+  x = jnp.asarray(x)
+  entries = _sharding.spec_of(x)
+  explicit = _sharding.named_sharding(x)
+  if (explicit is None or entries[0] == axis_name or not any(
+      t == _EXPLICIT for t in explicit.mesh.axis_types)):
+    return x
+  return jax.sharding.reshard(x, P(axis_name, *entries[1:]))
 
 
 def _check_shared(changed: Any, axis_name: Hashable) -> None:
@@ -290,21 +314,3 @@ def _check_shared(changed: Any, axis_name: Hashable) -> None:
         "after init but differs between them with these extra arguments: "
         "pass per-worker extra arguments only where the transformation "
         "averages them over the workers")
-
-
-def _on_auto_axes(update: Callable[..., Any], updates: Any,
-                  state: Any) -> Callable[..., Any]:
-  """``update`` with the Explicit axes of a partly manual body made Auto.
-
-  Only with a mesh that mixes Auto and Explicit axes: the library flattens
-  and concatenates leaves, which Explicit axes allow only for some layouts.
-  The outputs keep the inputs' shardings.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
-                   if t == _EXPLICIT and a not in mesh.manual_axes)
-  if not explicit:
-    return update
-  spec = lambda x: jax.typeof(x).sharding.spec
-  out = (jax.tree.map(spec, updates), jax.tree.map(spec, state))
-  return jax.sharding.auto_axes(update, axes=explicit, out_sharding=out)

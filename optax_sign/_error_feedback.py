@@ -11,6 +11,7 @@ import optax
 
 from optax_sign import _checks
 from optax_sign import _communication
+from optax_sign import _sharding
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -42,15 +43,14 @@ def _shard_axes(p: jax.Array, axis_name) -> tuple:
   return tuple(a for a in _communication.varying_axes(p) if a not in workers)
 
 
-def _group_mean(p_leaves, axis_name, num_workers, own, live):
-  """:func:`_mean_of_scaled_signs` for leaves that vary over the same axes.
+def _group_mean(p_leaves, scales, axis_name, num_workers, own, live):
+  """:func:`_mean_of_scaled_signs` for leaves that vary over the same axes,
+  with their whole-leaf ``scales`` [L].
 
   Returns:
     (own compressed leaves, mean leaves), flat float32 vectors per leaf.
   """
   flat = jnp.concatenate([p.ravel() for p in p_leaves])
-  scales = jnp.stack([_scale(p, _shard_axes(p, axis_name))
-                      for p in p_leaves])  # [L] float32
   if own is not None:  # a dead worker sends zero scales: it adds nothing
     scales = jnp.where(own, scales, 0.0)
   message = jnp.concatenate([
@@ -95,13 +95,26 @@ def _mean_of_scaled_signs(p_leaves, axis_name, num_workers, own=None,
     (own compressed leaves c_i, mean leaves), both float32.
   """
   live = jnp.float32(num_workers) if live is None else live
-  mine, mean = [None] * len(p_leaves), [None] * len(p_leaves)
-  for group in _communication.leaf_groups(p_leaves):
-    leaves = [p_leaves[i] for i in group]
-    for i, p, c, m in zip(group, leaves, *_group_mean(
-        leaves, axis_name, num_workers, own, live)):
-      mine[i], mean[i] = c.reshape(p.shape), m.reshape(p.shape)
-  return mine, mean
+  # Whole-leaf scales first: the compiler sums leaves sharded over axes that
+  # are not manual here; _scale sums the manual shards.
+  scales = [_scale(p, _shard_axes(p, axis_name)) for p in p_leaves]
+
+  count = len(p_leaves)
+
+  def by_group(twice, shared):  # outputs: own leaves, then mean leaves
+    (scales, own, live), leaves, out = shared, twice[:count], [None] * 2 * count
+    for group in _communication.leaf_groups(leaves):
+      parts = _group_mean([leaves[i] for i in group],
+                          jnp.stack([scales[i] for i in group]), axis_name,
+                          num_workers, own, live)
+      for i, c, m in zip(group, *parts):
+        out[i] = c.reshape(leaves[i].shape)
+        out[count + i] = m.reshape(leaves[i].shape)
+    return out
+
+  out = _sharding.on_local_shards(by_group, list(p_leaves) * 2,
+                                  (scales, own, live))
+  return out[:count], out[count:]
 
 
 def scale_by_error_feedback_sign(
@@ -176,6 +189,11 @@ def scale_by_error_feedback_sign(
     if axis_name is None:
       u = jax.tree.map(lambda x, g: _compress(x, g.dtype), p, updates)
       error = jax.tree.map(lambda x, c: (x - c.astype(jnp.float32)), p, u)
+      _, own = _communication.alive_flags(extra_args.get("alive"), None, 1)
+      if own is not None:  # a dead step: no update, the residual stays
+        u = jax.tree.map(lambda c: jnp.where(own, c, jnp.zeros_like(c)), u)
+        error = jax.tree.map(lambda new, old: jnp.where(
+            own, new, old.astype(jnp.float32)), error, state.error)
     else:
       n = _communication.axis_size(axis_name)
       alive, own = _communication.alive_flags(extra_args.get("alive"),

@@ -100,7 +100,9 @@ def local_steps(
   ``alive=`` (this worker's flag or a replicated ``(N,)`` mask, read on sync
   steps) the average is over the live workers only, every worker (a dead one
   too) moves to the new anchor, and with no live worker the round makes no
-  outer step. The inner state is never
+  outer step. A worker whose parameters or inner state went non-finite
+  cannot be moved back by an added update: restart it from
+  :func:`local_steps_anchor` (and a fresh inner state). The inner state is never
   averaged or reset. The wrapper must be the outermost transformation (nothing
   may rescale its updates) and ``update`` needs ``params``. Evaluate
   :func:`local_steps_anchor` (the anchor); after a sync the local parameters

@@ -87,6 +87,37 @@ def on_context_mesh(x: jax.Array) -> jax.Array:
   return jax.sharding.reshard(x, P())
 
 
+def free_explicit_axes() -> tuple:
+  """Explicit axes of the context mesh (size > 1) that are not manual here."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
+               if t == jax.sharding.AxisType.Explicit and mesh.shape[a] > 1
+               and a not in mesh.manual_axes)
+
+
+def on_local_shards(fn: Any, leaves: Sequence[Any], shared: Any) -> list:
+  """``fn(leaves, shared)`` on the local shards of ``leaves``.
+
+  Inside a region manual over the workers' axis only, the other Explicit
+  axes (``"model"``) are partitioned by the compiler: flattening a leaf
+  sharded over them would reshard it. Here ``fn`` runs in a nested
+  ``shard_map`` manual over those axes too, with each leaf's own spec, so it
+  sees plain local blocks (a sharded leaf varies over ``"model"``, a
+  replicated one does not) and its outputs keep the leaves' layouts.
+  ``shared`` (scalars, flags) reaches every shard whole. Without such axes
+  ``fn`` runs as it is.
+  """
+  axes = free_explicit_axes()
+  if not axes or not leaves:
+    return fn(leaves, shared)
+  specs = [P(*spec_of(x)) for x in leaves]
+  return jax.shard_map(
+      fn, in_specs=(specs, jax.tree.map(lambda _: P(), shared)),
+      out_specs=specs, axis_names=set(axes))(list(leaves), shared)
+
+
 def stack(tree: Any) -> Any:
   """A leading worker axis of size 1 on this worker's block."""
   return jax.tree.map(lambda x: x[None], tree)

@@ -410,3 +410,8 @@ def test_no_live_worker_makes_no_step(tie):
 def test_vote_bytes_rejects_bad_arguments(args, match):
   with pytest.raises(ValueError, match=match):
     optax_sign.vote_bytes(*args)
+
+
+def test_vote_bytes_accepts_numpy_integers():
+  assert optax_sign.vote_bytes("psum", np.int64(4), np.prod((3, 4))) == (
+      optax_sign.vote_bytes("psum", 4, 12))

@@ -405,3 +405,69 @@ def test_nnx_module_state_comes_back_shared():
                                rtol=1e-5, atol=1e-7)
     train_step(model, optimizer, x, y)
     assert int(model.drop.rngs.count[...]) == 2
+
+
+def test_optax_global_statistics_see_whole_leaves():
+  """An optax step after the exchange (clip_by_global_norm) computes its
+  statistic over the whole model, not per model shard."""
+  make = lambda axis: optax.chain(
+      optax_sign.scale_by_error_feedback_sign(axis_name=axis),
+      optax.clip_by_global_norm(0.05))
+  for updates in _replay(make, steps=2, sharded=True):
+    norm = np.sqrt(sum(np.sum(np.square(u)) for u in updates.values()))
+    np.testing.assert_allclose(norm, 0.05, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [AxisType.Explicit, AxisType.Auto])
+def test_init_eager_and_jitted_and_an_unplaced_alive_mask(kind):
+  """Per-worker state is placed eagerly under the mesh context and inside
+  jit; an alive mask made with NumPy is resharded over the workers."""
+  mesh = _mesh(kind)
+  tx = optax_sign.data_parallel(optax.chain(
+      optax_sign.scale_by_error_feedback_sign(axis_name="data"),
+      optax_sign.majority_vote("data"), optax.scale_by_learning_rate(1e-2)),
+                                "data", mesh=mesh)
+  params = jax.device_put(
+      _params(), {k: NamedSharding(mesh, s) for k, s in SPECS.items()})
+  with jax.set_mesh(mesh):
+    eager = tx.init(params)
+    jitted = jax.jit(tx.init)(params)
+  assert eager[0].error["w1"].shape == jitted[0].error["w1"].shape == (
+      N, 16, 32)
+  grads = jax.device_put(
+      jax.tree.map(lambda p: jnp.ones((N,) + p.shape), _params()),
+      {k: NamedSharding(mesh, P("data", *s)) for k, s in SPECS.items()})
+  alive = np.array([True, False, True, True])
+  updates, _ = jax.jit(tx.update)(grads, eager, params, alive=alive)
+  np.testing.assert_array_equal(np.asarray(updates["b2"]),
+                                np.full(4, -1e-2, np.float32))
+
+
+def test_shared_value_for_reduce_on_plateau():
+  """per_worker_args=() traces no per-worker value=: a transformation that
+  needs one shared loss (reduce_on_plateau) gets the mean loss."""
+  mesh = _mesh(AxisType.Explicit)
+  inner = optax.chain(optax_sign.majority_vote("data"),
+                      optax.scale_by_learning_rate(1e-2),
+                      optax.contrib.reduce_on_plateau(patience=1))
+  params = jax.device_put(
+      _params(), {k: NamedSharding(mesh, s) for k, s in SPECS.items()})
+  batch = jax.device_put(_batch(), NamedSharding(mesh, P("data")))
+  with pytest.raises(Exception):  # the default traces value= per worker
+    optax_sign.data_parallel(inner, "data", mesh=mesh).init(params)
+  tx = optax_sign.data_parallel(inner, "data", mesh=mesh, per_worker_args=())
+
+  @jax.jit
+  def step(params, state, x, y):
+    value, grads = optax_sign.worker_value_and_grad(
+        _loss, "data", mesh=mesh)(params, x, y)
+    updates, state = tx.update(grads, state, params, value=value.mean())
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(3):
+    params, state = step(params, state, *batch)
+  best = float(state[2].best_value)  # the shared mean loss reached it
+  assert np.isfinite(best) and best < float(_loss(_params(), *_batch()))
+  with pytest.raises(ValueError, match="per_worker_args entries"):
+    optax_sign.data_parallel(inner, "data", per_worker_args=("loss",))

@@ -167,3 +167,14 @@ def test_alive_excludes_dead_and_nan_workers(dead):
   np.testing.assert_allclose(np.asarray(new_e), expected_e, rtol=1e-5,
                              atol=1e-6)
   assert np.all(np.isfinite(np.asarray(u)))
+
+
+def test_single_worker_dead_step_keeps_the_residual():
+  tx = optax_sign.scale_by_error_feedback_sign()
+  state = tx.init({"w": jnp.zeros(3)})
+  u, state = tx.update({"w": jnp.array([1.0, -2.0, 3.0])}, state)
+  bad = {"w": jnp.array([jnp.nan, 1.0, 2.0])}
+  u2, state2 = tx.update(bad, state, alive=jnp.all(jnp.isfinite(bad["w"])))
+  np.testing.assert_array_equal(u2["w"], np.zeros(3))
+  np.testing.assert_array_equal(state2.error["w"], state.error["w"])
+  del u
