@@ -67,7 +67,8 @@ def worker_value_and_grad(
     gradients are an ``nnx.State`` of its parameters, as ``nnx.grad`` gives.
     State that ``fun`` changes in an ``nnx.Module`` other than its parameters
     is written back the same on every worker: batch statistics averaged over
-    the workers, RNG counters from worker 0.
+    the workers, RNG counters from worker 0. Each worker draws from its own
+    RNG streams (the module's keys folded with the worker index).
 
   Example:
     >>> grads_fn = worker_value_and_grad(loss_fn, "data")
@@ -153,12 +154,17 @@ def _module_value_and_grad(fun, axis_name, argnums, single, has_aux, mesh,
   def pure_fun(*xs):
     xs = list(xs)
     for i, graphdef in graphdefs.items():
-      xs[i] = nnx.merge(graphdef, xs[i], xs[rest_at[i]])
+      xs[i] = nnx.merge(graphdef, xs[i], _worker_keys(xs[rest_at[i]],
+                                                      axis_name))
     out = fun(*xs[:len(args)])
     value, aux = out if has_aux else (out, None)
-    rests = {i: jax.tree.map(functools.partial(_shared, axis_name=axis_name),
-                             nnx.as_pure(nnx.state(xs[i], nnx.Not(nnx.Param))))
-             for i in graphdefs}
+    rests = {}
+    for i in graphdefs:  # the keys go back as they came, counters advanced
+      rest = jax.tree.map(lambda new, old: old if _is_key(old) else new,
+                          nnx.as_pure(nnx.state(xs[i], nnx.Not(nnx.Param))),
+                          xs[rest_at[i]])
+      rests[i] = jax.tree.map(
+          functools.partial(_shared, axis_name=axis_name), rest)
     return value, (aux, rests)
 
   (value, (aux, rests)), grads = _value_and_grad(
@@ -167,6 +173,18 @@ def _module_value_and_grad(fun, axis_name, argnums, single, has_aux, mesh,
   for i, rest in rests.items():
     nnx.update(modules[i], jax.tree.map(_first_copy, rest))
   return ((value, aux) if has_aux else value), grads
+
+
+def _is_key(x: Any) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
+
+
+def _worker_keys(state: Any, axis_name: Hashable) -> Any:
+  """PRNG keys of module state folded with the worker index, so workers draw
+  independent dropout masks (as separate data-parallel processes would)."""
+  index = jax.lax.axis_index(axis_name)
+  return jax.tree.map(
+      lambda x: jax.random.fold_in(x, index) if _is_key(x) else x, state)
 
 
 def _shared(x: jax.Array, axis_name: Hashable) -> jax.Array:

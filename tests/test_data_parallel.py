@@ -471,3 +471,25 @@ def test_shared_value_for_reduce_on_plateau():
   assert np.isfinite(best) and best < float(_loss(_params(), *_batch()))
   with pytest.raises(ValueError, match="per_worker_args entries"):
     optax_sign.data_parallel(inner, "data", per_worker_args=("loss",))
+
+
+def test_nnx_workers_draw_independent_random_numbers():
+  nnx = pytest.importorskip("flax.nnx")
+  mesh = _mesh(AxisType.Explicit)
+
+  class Noisy(nnx.Module):
+
+    def __init__(self):
+      self.lin = nnx.Linear(16, 4, rngs=nnx.Rngs(0))
+      self.rngs = nnx.Rngs(noise=1)
+
+    def __call__(self, x):
+      return self.lin(x) + jax.random.normal(self.rngs.noise(), (4,))
+
+  with jax.set_mesh(mesh):
+    model = Noisy()
+    x = jax.device_put(jnp.ones((64, 16)), NamedSharding(mesh, P("data")))
+    value, _ = nnx.jit(optax_sign.worker_value_and_grad(
+        lambda m, x: jnp.mean(m(x)), "data"))(model, x)
+    assert len(set(np.asarray(value).tolist())) == N  # same data, own noise
+    assert int(model.rngs.noise.count[...]) == 1
