@@ -26,7 +26,10 @@ shards by themselves on ``Explicit`` axes
 shard, leaves sharded over ``"model"`` and replicated leaves in separate
 collectives. On ``Auto`` axes, whose layout is unknown inside ``jit``, they
 work on whole flattened leaves and the compiler reshards them (correct, but
-with traffic over those axes).
+with traffic over those axes). At the region's boundary the other Explicit
+axes are made Auto and inside Explicit again (``jax.sharding.explicit_axes``
+with the arrays' specs): JAX 0.10 lowers a partly manual region with its
+other Explicit axes replicated, which would all-gather every sharded leaf.
 """
 
 from typing import Any, Dict, Hashable, Optional, Sequence
@@ -272,15 +275,25 @@ def _run(inner, mesh, axis_name, mask, updates, state, params, extra_args):
   split = _split_extra(extra_args, mesh.shape[axis_name])
   spec = lambda stacked: P(axis_name) if stacked else P()
   every = lambda tree, flag: jax.tree.map(lambda _: flag, tree)
-  updates, state, extra_args = jax.tree.map(
-      lambda x, s: _on_worker_axis(x, axis_name) if s else x,
-      (updates, state, extra_args), (every(updates, True), mask, split))
+  trees, stacked = ((updates, state, params, extra_args),
+                    (every(updates, True), mask, every(params, False), split))
+  trees = jax.tree.map(lambda x, s: _on_worker_axis(x, axis_name) if s else x,
+                       trees, stacked)
+  free = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
+               if t == _EXPLICIT and a != axis_name)
+  # The leaves' layouts over the other axes, as one worker sees them.
+  local = jax.tree.map(lambda x, s: P(*_sharding.spec_of(x)[int(s):]),
+                       trees, stacked)
 
   def body(updates, state, params, extra_args):
     state = jax.tree.map(lambda x, m: x[0] if m else x, state, mask)
     extra_args = jax.tree.map(lambda x, s: x[0] if s else x, extra_args, split)
-    new_updates, new_state = inner.update(_drop_first(updates), state, params,
-                                          **extra_args)
+    update = lambda u, s, p, e: inner.update(u, s, p, **e)
+    if free:  # back to Explicit types inside (see below)
+      update = jax.sharding.explicit_axes(update, axes=free,
+                                          in_sharding=local)
+    new_updates, new_state = update(_drop_first(updates), state, params,
+                                    extra_args)
     _check_agreed(_varies(new_updates, axis_name), axis_name)
     _check_shared(jax.tree.map(lambda v, m: v and not m,
                                _varies(new_state, axis_name), mask), axis_name)
@@ -288,10 +301,19 @@ def _run(inner, mesh, axis_name, mask, updates, state, params, extra_args):
                                      new_state, mask)
 
   state_specs = jax.tree.map(spec, mask)
-  return jax.shard_map(
-      body, mesh=mesh, axis_names={axis_name},
+  region = jax.shard_map(
+      body, mesh=_sharding.with_auto(mesh, free), axis_names={axis_name},
       in_specs=(P(axis_name), state_specs, P(), jax.tree.map(spec, split)),
-      out_specs=(P(), state_specs))(updates, state, params, extra_args)
+      out_specs=(P(), state_specs))
+  if not free:
+    return region(*trees)
+  # JAX lowers a region manual over some axes with its other Explicit axes
+  # replicated at the boundary (an all-gather of every sharded leaf); made
+  # Auto there and Explicit again inside, the leaves stay sharded.
+  named = lambda p: NamedSharding(mesh, p)
+  out = (jax.tree.map(named, local[0], is_leaf=lambda x: isinstance(x, P)),
+         jax.tree.map(lambda x: named(P(*_sharding.spec_of(x))), trees[1]))
+  return jax.sharding.auto_axes(region, axes=free, out_sharding=out)(*trees)
 
 
 def _on_worker_axis(x: Any, axis_name: Hashable) -> Any:

@@ -87,13 +87,25 @@ def on_context_mesh(x: jax.Array) -> jax.Array:
   return jax.sharding.reshard(x, P())
 
 
+def with_auto(mesh: Any, axes: tuple) -> Any:
+  """``mesh`` with ``axes`` turned Auto (a concrete or an abstract mesh)."""
+  if not axes:
+    return mesh
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return mesh.update_axis_types({a: jax.sharding.AxisType.Auto
+                                   for a in axes})
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=tuple(
+      jax.sharding.AxisType.Auto if a in axes else t
+      for a, t in zip(mesh.axis_names, mesh.axis_types)))
+
+
 def free_explicit_axes() -> tuple:
-  """Explicit axes of the context mesh (size > 1) that are not manual here."""
+  """Explicit axes of the context mesh that are not manual here."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
   return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
-               if t == jax.sharding.AxisType.Explicit and mesh.shape[a] > 1
+               if t == jax.sharding.AxisType.Explicit
                and a not in mesh.manual_axes)
 
 

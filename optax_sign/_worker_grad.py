@@ -111,7 +111,7 @@ def _value_and_grad(fun, axis_name, argnums, single, has_aux, mesh, args,
 
   explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
                    if t == jax.sharding.AxisType.Explicit and a != axis_name)
-  region = jax.shard_map(body, mesh=_auto_over(mesh, explicit), in_specs=specs,
+  region = jax.shard_map(body, mesh=_sharding.with_auto(mesh, explicit), in_specs=specs,
                          out_specs=P(axis_name), axis_names={axis_name})
   if not explicit:
     return region(*args)
@@ -125,18 +125,6 @@ def _value_and_grad(fun, axis_name, argnums, single, has_aux, mesh, args,
   return jax.sharding.auto_axes(
       region, axes=explicit,
       out_sharding=(stacked(()), grads_sharding))(*args)
-
-
-def _auto_over(mesh: Any, axes: tuple) -> Any:
-  """``mesh`` with ``axes`` turned Auto (a concrete or an abstract mesh)."""
-  if not axes:
-    return mesh
-  if isinstance(mesh, jax.sharding.AbstractMesh):
-    return mesh.update_axis_types({a: jax.sharding.AxisType.Auto
-                                   for a in axes})
-  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=tuple(
-      jax.sharding.AxisType.Auto if a in axes else t
-      for a, t in zip(mesh.axis_names, mesh.axis_types)))
 
 
 def _module_value_and_grad(fun, axis_name, argnums, single, has_aux, mesh,
