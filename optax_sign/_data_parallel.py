@@ -99,11 +99,23 @@ def _trace_step(inner, mesh, axis_name, params, state, mask, extra):
     return _sharding.stack((updates, new_state))
 
   grads = _abstract(params, jax.tree.map(lambda _: True, params), num_workers)
-  jax.eval_shape(jax.shard_map(
-      body, mesh=mesh, axis_names={axis_name},
-      in_specs=(P(axis_name), state_specs, P(), P(axis_name), P()),
-      out_specs=P(axis_name)), grads, _abstract(state, mask, num_workers),
-      params, per_worker, shared)
+  specs = (P(axis_name), state_specs, P(), P(axis_name), P())
+  args = (grads, _abstract(state, mask, num_workers), params, per_worker,
+          shared)
+  region = jax.shard_map(body, mesh=mesh, axis_names={axis_name},
+                         in_specs=specs, out_specs=P(axis_name))
+  explicit = dict(zip(mesh.axis_names, mesh.axis_types))[axis_name] == _EXPLICIT
+
+  def typed(*args):  # an Explicit worker axis checks the inputs' layout
+    if explicit:
+      args = jax.tree.map(
+          lambda spec, tree: jax.tree.map(
+              lambda x: jax.sharding.reshard(x, NamedSharding(mesh, spec)),
+              tree),
+          specs, args, is_leaf=lambda x: isinstance(x, P))
+    return region(*args)
+
+  jax.eval_shape(typed, *args)
   return found["updates"], found["state"]
 
 

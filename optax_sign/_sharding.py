@@ -32,8 +32,13 @@ def find_mesh(mesh: Any, trees: Sequence[Any], axis_name: Hashable) -> Any:
   Raises:
     ValueError: if no mesh is found or it has no axis ``axis_name``.
   """
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None:  # the context's concrete mesh (eager), else its abstract
+    try:
+      mesh = jax.sharding.get_mesh()
+    except ValueError:  # inside jit only the abstract mesh is known
+      mesh = None
+    if mesh is None or mesh.empty:
+      mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     for leaf in jax.tree.leaves(trees):
       sharding = named_sharding(leaf)

@@ -495,3 +495,32 @@ def test_nnx_workers_draw_independent_random_numbers():
         lambda m, x: jnp.mean(m(x)), "data"))(model, x)
     assert len(set(np.asarray(value).tolist())) == N  # same data, own noise
     assert int(model.rngs.noise.count[...]) == 1
+
+
+@pytest.mark.parametrize("kind", [AxisType.Explicit, AxisType.Auto])
+def test_nnx_alias_on_a_one_axis_mesh(kind):
+  """The common case: a data-only mesh set with jax.set_mesh, ALIAS with its
+  defaults and the workers' axis, nnx.Optimizer, value= per worker."""
+  nnx = pytest.importorskip("flax.nnx")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
+  with jax.set_mesh(mesh):
+    model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), jax.nn.relu,
+                           nnx.Linear(32, 1, rngs=nnx.Rngs(1)))
+    optimizer = nnx.Optimizer(model, optax_sign.data_parallel(
+        optax_sign.alias_sign_sgd(axis_name="data"), "data"), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+      loss, grads = optax_sign.worker_value_and_grad(
+          lambda m, x, y: jnp.mean((m(x) - y) ** 2), "data")(model, x, y)
+      optimizer.update(model, grads, value=loss)
+      return loss.mean()
+
+    x = jax.random.normal(jax.random.key(0), (256, 16))
+    x, y = jax.device_put((x, jnp.sum(x, 1, keepdims=True)),
+                          NamedSharding(mesh, P("data")))
+    first = float(train_step(model, optimizer, x, y))
+    for _ in range(100):
+      last = float(train_step(model, optimizer, x, y))
+  assert last < 0.05 * first, (first, last)
+  assert np.asarray(optax.tree.get(optimizer.opt_state, "stepsize")).shape == ()
