@@ -594,7 +594,7 @@ def per_worker(params: Any, axis_name: AxisName) -> Any:
 
   def cast(x):
     missing = tuple(a for a in axis_names(axis_name)
-                    if a not in jax.typeof(x).mat.varying)
+                    if a not in varying_axes(x))
     return lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(cast, params)

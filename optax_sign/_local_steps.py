@@ -36,12 +36,7 @@ class LocalStepsState(NamedTuple):
 
 def _varying_axes(x: Any) -> frozenset:
   """The mesh axes over which ``x`` is device-varying (empty outside shard_map)."""
-  aval = jax.typeof(x)
-  vma = getattr(aval, "vma", None)
-  if vma is None:
-    manual = getattr(aval, "manual_axis_type", None)
-    vma = getattr(manual, "varying", frozenset())
-  return frozenset(vma)
+  return frozenset(_communication.varying_axes(x))
 
 
 def _vary(x: Any, axes: frozenset) -> Any:
