@@ -2,6 +2,8 @@
 
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from optax_sign import _checks
@@ -11,20 +13,17 @@ from optax_sign import _sign
 from optax_sign import _stepsize
 
 
-def _check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
-  if not callable(learning_rate):
-    _checks.check_nonnegative("learning_rate", learning_rate)
-
-
 def sign_sgd(learning_rate: optax.ScalarOrSchedule,
+             *,
              tie: str = "zero") -> optax.GradientTransformationExtraArgs:
   r"""Sign-SGD: :math:`x_{t+1} = x_t - \gamma_t \operatorname{tsign}(g_t)`.
 
-  ``chain(scale_by_sign(tie), scale_by_learning_rate(learning_rate))``.
+  ``chain(scale_by_sign(tie), scale_by_learning_rate(learning_rate))``; with
+  ``tie="zero"`` it equals ``optax.sign_sgd(learning_rate)``.
 
   Args:
     learning_rate: a scalar or a schedule of the step count.
-    tie: tie policy for exact zeros.
+    tie: tie policy for exact zeros (keyword only).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -38,15 +37,17 @@ def sign_sgd(learning_rate: optax.ScalarOrSchedule,
     Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex
     Problems", arXiv 1802.04434.
   """
-  _check_learning_rate(learning_rate)
+  _checks.check_nonnegative_or_schedule("learning_rate", learning_rate)
   return optax.chain(_sign.scale_by_sign(tie),
                      optax.scale_by_learning_rate(learning_rate))
 
 
 def signum(learning_rate: optax.ScalarOrSchedule,
            beta: float = 0.9,
+           accumulator_dtype: Any = None,
+           *,
            weight_decay: float = 0.0,
-           state_dtype: Any = None,
+           mask: Optional[Any] = None,
            tie: str = "zero") -> optax.GradientTransformationExtraArgs:
   r"""Signum: sign of an exponential moving average of gradients.
 
@@ -54,13 +55,17 @@ def signum(learning_rate: optax.ScalarOrSchedule,
     m_t = \beta m_{t-1} + (1 - \beta) g_t,\qquad
     x_{t+1} = x_t - \gamma_t\big(\operatorname{tsign}(m_t) + \lambda x_t\big).
 
-  It is :func:`lion_like` with ``b1 = b2 = beta``.
+  It is :func:`lion_like` with ``b1 = b2 = beta``; without weight decay and
+  with ``tie="zero"`` it equals ``optax.signum(learning_rate, beta,
+  accumulator_dtype)``, whose arguments it keeps.
 
   Args:
     learning_rate: a scalar or a schedule of the step count.
     beta: momentum coefficient :math:`\beta` in [0, 1].
-    weight_decay: decoupled decay :math:`\lambda \ge 0` (needs ``params``).
-    state_dtype: dtype of the momentum (``None``: float32).
+    accumulator_dtype: dtype of the momentum (``None``: the parameter's).
+    weight_decay: decoupled decay :math:`\lambda \ge 0` (needs ``params``;
+      keyword only, like the arguments after it).
+    mask: optional tree or callable choosing the leaves that decay.
     tie: tie policy for exact zeros.
 
   Returns:
@@ -74,16 +79,18 @@ def signum(learning_rate: optax.ScalarOrSchedule,
     Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex
     Problems", arXiv 1802.04434.
   """
-  return lion_like(learning_rate, b1=beta, b2=beta, weight_decay=weight_decay,
-                   state_dtype=state_dtype, tie=tie)
+  _checks.check_interval("beta", beta, 0.0, 1.0)
+  return lion_like(learning_rate, beta, beta, accumulator_dtype, weight_decay,
+                   mask, tie=tie)
 
 
 def lion_like(learning_rate: optax.ScalarOrSchedule,
               b1: float = 0.9,
               b2: float = 0.99,
-              weight_decay: float = 0.0,
+              mu_dtype: Any = None,
+              weight_decay: optax.ScalarOrSchedule = 1e-3,
               mask: Optional[Any] = None,
-              state_dtype: Any = None,
+              *,
               tie: str = "zero") -> optax.GradientTransformationExtraArgs:
   r"""Sign momentum with decoupled weight decay (Lion).
 
@@ -93,16 +100,17 @@ def lion_like(learning_rate: optax.ScalarOrSchedule,
     m_t = \beta_2 m_{t-1} + (1 - \beta_2) g_t.
 
   ``chain(sign_momentum(b1, b2), add_decayed_weights(weight_decay, mask),
-  scale_by_learning_rate(learning_rate))``; equal to ``optax.lion`` with the same
-  settings (note that ``optax.lion`` defaults to ``weight_decay=1e-3``).
+  scale_by_learning_rate(learning_rate))``. It keeps ``optax.lion``'s
+  arguments, order and defaults (``weight_decay=1e-3``) and equals it with
+  ``tie="zero"``.
 
   Args:
     learning_rate: a scalar or a schedule of the step count.
     b1, b2: sign-momentum coefficients in [0, 1].
+    mu_dtype: dtype of the momentum (``None``: the parameter's).
     weight_decay: decoupled decay :math:`\lambda \ge 0` (needs ``params``).
     mask: optional tree or callable choosing the leaves that decay.
-    state_dtype: dtype of the momentum (``None``: float32).
-    tie: tie policy for exact zeros.
+    tie: tie policy for exact zeros (keyword only).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (needs ``params`` when
@@ -116,11 +124,9 @@ def lion_like(learning_rate: optax.ScalarOrSchedule,
     Chen et al., "Symbolic Discovery of Optimization Algorithms",
     arXiv 2302.06675.
   """
-  _check_learning_rate(learning_rate)
-  if not callable(weight_decay):
-    _checks.check_nonnegative("weight_decay", weight_decay)
-  momentum = _sign.sign_momentum(
-      b1, b2, state_dtype=state_dtype or "float32", tie=tie)
+  _checks.check_nonnegative_or_schedule("learning_rate", learning_rate)
+  _checks.check_nonnegative_or_schedule("weight_decay", weight_decay)
+  momentum = _sign.sign_momentum(b1, b2, mu_dtype, tie=tie)
   return optax.chain(momentum,
                      optax.add_decayed_weights(weight_decay, mask),
                      optax.scale_by_learning_rate(learning_rate))
@@ -135,8 +141,8 @@ def _local_adamw(learning_rate: optax.ScalarOrSchedule,
 
 def _check_inner(inner_learning_rate: optax.ScalarOrSchedule,
                  inner_weight_decay: float) -> None:
-  if not callable(inner_learning_rate):
-    _checks.check_nonnegative("inner_learning_rate", inner_learning_rate)
+  _checks.check_nonnegative_or_schedule("inner_learning_rate",
+                                        inner_learning_rate)
   _checks.check_nonnegative("inner_weight_decay", inner_weight_decay)
 
 
@@ -148,7 +154,7 @@ def dsm_ls(inner_learning_rate: optax.ScalarOrSchedule,
            b1: float = 0.95,
            b2: float = 0.98,
            weight_decay: float = 0.1,
-           mask: Optional[Any] = _outer.matrix_mask,
+           mask: Optional[Any] = "matrices",
            key: Optional[Any] = None,
            bound: Optional[float] = None,
            ) -> optax.GradientTransformationExtraArgs:
@@ -181,7 +187,8 @@ def dsm_ls(inner_learning_rate: optax.ScalarOrSchedule,
     learning_rate: the global learning rate :math:`\eta`.
     b1, b2: sign-momentum coefficients.
     weight_decay: global decoupled decay :math:`\lambda` of the anchor.
-    mask: decay mask (default :func:`matrix_mask`; ``None`` decays all).
+    mask: decay mask (default ``"matrices"``: :func:`matrix_mask`; ``None``
+      decays all).
     key: PRNG key for the randomized sign; ``None`` for the hard sign.
     bound: bound of the randomized sign (default ``sync_every``).
 
@@ -198,11 +205,13 @@ def dsm_ls(inner_learning_rate: optax.ScalarOrSchedule,
     Transformers", arXiv 2411.17866.
   """
   _checks.check_int("sync_every", sync_every, 1)
+  _checks.check_nonnegative_or_schedule("inner_learning_rate",
+                                        inner_learning_rate)
   if inner is None:
     inner = _local_adamw(inner_learning_rate, 0.0)
   outer = _outer.global_sign_momentum(
       learning_rate, b1, b2, weight_decay, mask, key,
-      float(sync_every) if bound is None else bound)
+      sync_every * 1.0 if bound is None else bound)
   return _local_steps.local_steps(inner, outer, sync_every, axis_name,
                                   "inner_lr", inner_learning_rate)
 
@@ -248,7 +257,7 @@ def diloco(inner_learning_rate: optax.ScalarOrSchedule,
     Douillard et al., "DiLoCo: Distributed Low-Communication Training of
     Language Models", arXiv 2311.08105.
   """
-  _check_learning_rate(learning_rate)
+  _checks.check_nonnegative_or_schedule("learning_rate", learning_rate)
   _checks.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
   _check_inner(inner_learning_rate, inner_weight_decay)
   if inner is None:
@@ -303,10 +312,9 @@ def slowmo(inner_learning_rate: optax.ScalarOrSchedule,
     Wang et al., "SlowMo: Improving Communication-Efficient Distributed SGD
     with Slow Momentum", ICLR 2020 (arXiv 1910.00643).
   """
-  _check_learning_rate(learning_rate)
+  _checks.check_nonnegative_or_schedule("learning_rate", learning_rate)
   _checks.check_interval("momentum", momentum, 0.0, 1.0)
-  if not callable(weight_decay):
-    _checks.check_nonnegative("weight_decay", weight_decay)
+  _checks.check_nonnegative_or_schedule("weight_decay", weight_decay)
   _check_inner(inner_learning_rate, inner_weight_decay)
   if inner is None:
     inner = _local_adamw(inner_learning_rate, inner_weight_decay)
@@ -481,13 +489,28 @@ def alias_sign_sgd_released(
     Medyakov et al., arXiv 2506.03725; released code
     ``evseevgrv/SignSGD_GoldenGate`` (``AIDsignSGD``).
   """
+  _checks.check_positive("max_stepsize", max_stepsize)
   _checks.check_int("total_steps", total_steps, 1)
   _checks.check_interval("warmup_fraction", warmup_fraction, 0.0, 1.0)
-  warmup_steps = int(warmup_fraction * total_steps)
+  if _checks.static_int(total_steps) is not None and not isinstance(
+      warmup_fraction, jax.Array):
+    warmup_steps = int(warmup_fraction * total_steps)
+  else:  # traced, e.g. under optax.inject_hyperparams
+    warmup_steps = jnp.floor(warmup_fraction * total_steps).astype(jnp.int32)
   return optax.chain(_stepsize.scale_by_alias(
       distance="lower_bound", f_lower=f_lower, eta0=eta0,
       initial_stepsize=max_stepsize, max_stepsize=max_stepsize,
       update_gap=update_gap, warmup_steps=warmup_steps,
-      warmup_stepsize=optax.linear_schedule(0.0, max_stepsize,
-                                            max(warmup_steps, 1)),
+      warmup_stepsize=_linear_warmup(max_stepsize, warmup_steps),
       weight_decay=weight_decay, axis_name=axis_name))
+
+
+def _linear_warmup(peak: Any, steps: Any) -> optax.Schedule:
+  """``optax.linear_schedule(0, peak, max(steps, 1))`` for traced ``steps``."""
+  steps = jnp.maximum(steps, 1)
+
+  def schedule(count):
+    frac = 1.0 - jnp.clip(count, 0, steps) / steps
+    return -peak * frac + peak
+
+  return schedule

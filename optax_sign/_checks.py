@@ -2,36 +2,56 @@
 
 Every public factory validates its arguments here so that a bad value raises a
 ``ValueError`` (or ``TypeError``) that names the argument and the allowed range,
-instead of turning into NaN deep inside a jitted update. Values that are JAX
-tracers (for example under ``optax.inject_hyperparams`` inside ``jit``) cannot be
-inspected and are accepted as they are.
+instead of turning into NaN deep inside a jitted update.
+
+Numbers may arrive as Python or NumPy scalars or as 0-d JAX arrays (this is how
+``optax.inject_hyperparams`` passes them: concrete at ``init``, traced inside a
+jitted ``update``). Concrete values are checked; traced ones cannot be and are
+accepted. Which state buffers exist never depends on a value that may be
+traced: :func:`is_static_zero` is true only for a Python or NumPy zero.
 """
 
-from typing import Any, Optional, Sequence
+import difflib
+import warnings
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 TIE_POLICIES = ("zero", "positive", "negative")
+INT32_MAX = 2**31 - 1
+# Extra arguments of ``update`` that some transformation of this package reads.
+EXTRA_ARGS = ("value", "prev_grads", "alive")
+_warned = set()
 
 
-def _concrete(value: Any) -> Optional[float]:
-  """Returns ``value`` as a Python float, or None if it is traced or callable."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
+def _number(name: str, value: Any) -> Optional[float]:
+  """``value`` as a Python float; None if it is traced; TypeError if no number."""
+  if isinstance(value, jax.core.Tracer):
     return None
+  if (isinstance(value, (str, bytes, bool, np.bool_)) or callable(value)
+      or np.ndim(value) != 0):
+    kind = ("a schedule" if callable(value) else f"{type(value).__name__} "
+            f"{value!r}")
+    raise TypeError(f"{name} must be a real number, got {kind}")
   try:
     return float(value)
   except (TypeError, ValueError) as err:
-    raise TypeError(f"expected a real number, got {value!r}") from err
+    raise TypeError(f"{name} must be a real number, got {value!r}") from err
 
 
 def check_interval(name: str, value: Any, low: float, high: float,
                    *, low_open: bool = False, high_open: bool = False) -> None:
-  """Raises ``ValueError`` unless ``low (<|<=) value (<|<=) high``."""
-  v = _concrete(value)
+  """Raises unless ``value`` is a number with ``low (<|<=) value (<|<=) high``.
+
+  An infinite bound is always open: infinities are never accepted.
+  """
+  v = _number(name, value)
   if v is None:
     return
+  low_open = low_open or low == -float("inf")
+  high_open = high_open or high == float("inf")
   too_low = v <= low if low_open else v < low
   too_high = v >= high if high_open else v > high
   if too_low or too_high or v != v:  # v != v catches NaN
@@ -39,6 +59,11 @@ def check_interval(name: str, value: Any, low: float, high: float,
     right = ")" if high_open else "]"
     raise ValueError(
         f"{name} must lie in {left}{low}, {high}{right}, got {value!r}")
+
+
+def check_real(name: str, value: Any) -> None:
+  """Raises unless ``value`` is a finite real number."""
+  check_interval(name, value, -float("inf"), float("inf"))
 
 
 def check_positive(name: str, value: Any) -> None:
@@ -49,8 +74,19 @@ def check_nonnegative(name: str, value: Any) -> None:
   check_interval(name, value, 0.0, float("inf"))
 
 
+def check_nonnegative_or_schedule(name: str, value: Any) -> None:
+  """A schedule (callable of the step count) or a finite number >= 0."""
+  if not callable(value):
+    check_nonnegative(name, value)
+
+
+def check_bool(name: str, value: Any) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-  if value not in allowed:
+  if not isinstance(value, str) or value not in allowed:
     raise ValueError(
         f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
@@ -60,14 +96,52 @@ def check_tie(tie: Any) -> None:
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
-  """Raises unless ``value`` is a Python or NumPy integer >= ``minimum``."""
-  if (isinstance(value, (bool, np.bool_))
-      or not isinstance(value, (int, np.integer)) or value < minimum):
+  """Raises unless ``value`` is an integer in ``[minimum, 2**31 - 1]``.
+
+  Python and NumPy integers and 0-d integer arrays are accepted (a traced one
+  is not checked further).
+  """
+  integral = (not isinstance(value, (bool, np.bool_, str, bytes))
+              and np.ndim(value) == 0
+              and jnp.issubdtype(getattr(value, "dtype", type(value)),
+                                 np.integer))
+  if not integral:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  if isinstance(value, jax.core.Tracer):
+    return
+  if int(value) < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  if int(value) > INT32_MAX:
+    raise ValueError(f"{name} must be an integer <= {INT32_MAX} (int32 step "
+                     f"counters), got {value!r}")
 
 
-def check_float_dtype(name: str, dtype: Any) -> jnp.dtype:
-  """Returns ``dtype`` as a NumPy dtype, raising unless it is a float dtype."""
+def is_static_zero(value: Any) -> bool:
+  """True for a Python or NumPy zero: a value that may decide state structure.
+
+  Arrays (concrete or traced, as ``optax.inject_hyperparams`` passes them)
+  count as nonzero, so an injected hyperparameter keeps its buffer at ``init``
+  and inside a jitted ``update`` alike.
+  """
+  if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+    return float(value) == 0.0
+  return False
+
+
+def static_int(value: Any) -> Optional[int]:
+  """``value`` as a Python int if it is a Python or NumPy integer, else None."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return int(value)
+  return None
+
+
+def check_float_dtype(name: str, dtype: Any) -> Optional[jnp.dtype]:
+  """``dtype`` as a NumPy dtype (``None`` stays None: the parameter's dtype).
+
+  Raises unless it names a floating dtype.
+  """
+  if dtype is None:
+    return None
   try:
     dt = jnp.dtype(dtype)
   except TypeError as err:
@@ -90,3 +164,20 @@ def check_key(name: str, key: Any) -> jax.Array:
   raise TypeError(
       f"{name} must be a JAX PRNG key (jax.random.key(seed) or "
       f"jax.random.PRNGKey(seed)), got {type(key).__name__}")
+
+
+def warn_misspelled(extra_args: Mapping[str, Any]) -> None:
+  """Warns once per name for an extra argument close to one this package reads.
+
+  Unknown extra arguments are ignored (optax's convention), so a misspelled
+  ``prev_grad=`` would otherwise silently change the algorithm.
+  """
+  for name in extra_args:
+    if name in EXTRA_ARGS or name in _warned:
+      continue
+    close = difflib.get_close_matches(name, EXTRA_ARGS, n=1, cutoff=0.75)
+    if close:
+      _warned.add(name)
+      warnings.warn(
+          f"update() got the extra argument {name!r}, which no optax_sign "
+          f"transformation reads; did you mean {close[0]!r}?", stacklevel=3)

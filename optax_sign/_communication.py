@@ -484,6 +484,7 @@ def _aggregator(aggregate, axis_name, transport, tie, allowed):
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
+    _checks.warn_misspelled(extra_args)
     alive = extra_args.get("alive")
     out = aggregate(updates, axis_name, tie=tie, transport=transport,
                     alive=alive)

@@ -12,6 +12,7 @@ import optax
 from optax_sign import _checks
 from optax_sign import _communication
 from optax_sign import _sharding
+from optax_sign import _sign
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -118,7 +119,7 @@ def _mean_of_scaled_signs(p_leaves, axis_name, num_workers, own=None,
 
 
 def scale_by_error_feedback_sign(
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = "float32",
     axis_name: Optional[_communication.AxisName] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Error-feedback sign compression, on one worker or averaged across workers.
@@ -157,7 +158,8 @@ def scale_by_error_feedback_sign(
   Follow it by a learning-rate scale.
 
   Args:
-    state_dtype: floating dtype of the residual (float32 by default).
+    state_dtype: floating dtype of the residual (float32 by default;
+      ``None``: the parameter's).
     axis_name: the workers' axis name (or tuple) for the mean of scaled signs
       across workers; ``None`` for one worker and no collective.
 
@@ -184,6 +186,7 @@ def scale_by_error_feedback_sign(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
+    _checks.warn_misspelled(extra_args)
     p = jax.tree.map(lambda g, e: g.astype(jnp.float32) + e.astype(jnp.float32),
                      updates, state.error)
     if axis_name is None:
@@ -208,6 +211,6 @@ def scale_by_error_feedback_sign(
             own, new, old.astype(jnp.float32)), error, state.error)
       u = jax.tree.map(lambda m, g: m.astype(g.dtype),
                        treedef.unflatten(mean), updates)
-    return u, ErrorFeedbackState(error=optax.tree.cast(error, state_dtype))
+    return u, ErrorFeedbackState(error=_sign.cast_like(error, state.error))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

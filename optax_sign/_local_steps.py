@@ -211,6 +211,7 @@ def local_steps(
           "local_steps needs the current parameters: call "
           "update(grads, state, params)")
     _communication.axis_size(axis_name)  # a clear error if it is not bound
+    _checks.warn_misspelled(extra_args)
     inner_updates, inner_state = inner.update(
         updates, state.inner_state, params, **extra_args)
     local_new = optax.apply_updates(params, inner_updates)

@@ -31,15 +31,24 @@ def matrix_mask(params: optax.Params) -> Any:
   return jax.tree.map(lambda p: len(jnp.shape(p)) >= 2, params)
 
 
+def resolve_mask(mask: Any) -> Any:
+  """The decay mask named by ``mask``: ``"matrices"`` is :func:`matrix_mask`."""
+  if isinstance(mask, str):
+    _checks.check_choice("mask", mask, ("matrices",))
+    return matrix_mask
+  return mask
+
+
 def global_sign_momentum(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     b1: float = 0.95,
     b2: float = 0.98,
     weight_decay: float = 0.1,
-    mask: Optional[Any] = matrix_mask,
+    mask: Optional[Any] = "matrices",
     key: Optional[jax.Array] = None,
     bound: float = 1.0,
-    state_dtype: Any = jnp.float32,
+    mu_dtype: Any = None,
+    *,
     tie: str = "zero",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Global sign momentum: Lion applied to the pseudo-gradient (DSM-LS outer step).
@@ -70,13 +79,15 @@ def global_sign_momentum(
     b2: momentum decay :math:`\beta_2` in [0, 1].
     weight_decay: decoupled decay :math:`\lambda \ge 0` of the anchor.
     mask: tree or callable choosing the decayed leaves; the default
-      :func:`matrix_mask` decays leaves with ``ndim >= 2``; ``None`` decays all.
+      ``"matrices"`` is :func:`matrix_mask` (leaves with ``ndim >= 2``), a
+      string so that ``optax.inject_hyperparams`` does not take it for a
+      schedule; ``None`` decays all.
     key: a PRNG key for the randomized sign; ``None`` uses the hard sign. Under
       a collective the key must be equal on every worker (it is, when the
       outer state is replicated).
     bound: the bound :math:`R > 0` of the randomized sign (e.g. about the sync
       interval for an Adam-type inner optimizer).
-    state_dtype: dtype of the momentum :math:`m`.
+    mu_dtype: dtype of the momentum :math:`m` (``None``: the parameter's).
     tie: tie policy of the hard sign.
 
   Returns:
@@ -90,16 +101,14 @@ def global_sign_momentum(
     Transformers", arXiv 2411.17866; Chen et al., "Symbolic Discovery of
     Optimization Algorithms", arXiv 2302.06675.
   """
-  if not callable(learning_rate):
-    _checks.check_nonnegative("learning_rate", learning_rate)
-  if not callable(weight_decay):
-    _checks.check_nonnegative("weight_decay", weight_decay)
+  _checks.check_nonnegative_or_schedule("learning_rate", learning_rate)
+  _checks.check_nonnegative_or_schedule("weight_decay", weight_decay)
   if key is None:
     sign = _sign.scale_by_sign(tie)
   else:
     sign = _sign.scale_by_randomized_sign(key, bound)
   return optax.chain(
-      _sign.scale_by_lion_momentum(b1, b2, state_dtype),
+      _sign.scale_by_lion_momentum(b1, b2, mu_dtype),
       sign,
-      optax.add_decayed_weights(weight_decay, mask),
+      optax.add_decayed_weights(weight_decay, resolve_mask(mask)),
       optax.scale_by_learning_rate(learning_rate))

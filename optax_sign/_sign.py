@@ -152,15 +152,20 @@ def _cast_keeping_sign(v: jax.Array, dtype: Any) -> jax.Array:
   return jnp.where((out == 0) & (v != 0), jnp.sign(v).astype(dtype) * tiny, out)
 
 
+def cast_like(tree: Any, like: Any) -> Any:
+  """Casts every leaf of ``tree`` to the dtype of the same leaf of ``like``."""
+  return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
 class LionMomentumState(NamedTuple):
   """State of :func:`scale_by_lion_momentum`."""
-  mu: optax.Updates  # tree like params, dtype ``state_dtype``: EMA of g (b2)
+  mu: optax.Updates  # tree like params, dtype ``mu_dtype``: EMA of g (b2)
 
 
 def scale_by_lion_momentum(
     b1: float = 0.9,
     b2: float = 0.99,
-    state_dtype: Any = jnp.float32,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The pre-sign direction of Lion: an interpolation with old momentum.
 
@@ -175,7 +180,8 @@ def scale_by_lion_momentum(
   Args:
     b1: interpolation between momentum and gradient, in [0, 1].
     b2: decay of the momentum, in [0, 1].
-    state_dtype: floating dtype of the momentum (float32 by default).
+    mu_dtype: floating dtype of the momentum (``None``: the parameter's, as
+      in ``optax.scale_by_lion``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; :math:`v_t` is computed in
@@ -193,10 +199,10 @@ def scale_by_lion_momentum(
   """
   _checks.check_interval("b1", b1, 0.0, 1.0)
   _checks.check_interval("b2", b2, 0.0, 1.0)
-  state_dtype = _checks.check_float_dtype("state_dtype", state_dtype)
+  mu_dtype = _checks.check_float_dtype("mu_dtype", mu_dtype)
 
   def init_fn(params):
-    return LionMomentumState(mu=optax.tree.zeros_like(params, dtype=state_dtype))
+    return LionMomentumState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -204,7 +210,7 @@ def scale_by_lion_momentum(
         lambda g, m: _cast_keeping_sign((1.0 - b1) * g + b1 * m, g.dtype),
         updates, state.mu)
     mu = optax.tree.update_moment(updates, state.mu, b2, 1)
-    return direction, LionMomentumState(mu=optax.tree.cast(mu, state_dtype))
+    return direction, LionMomentumState(mu=cast_like(mu, state.mu))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -212,7 +218,8 @@ def scale_by_lion_momentum(
 def sign_momentum(
     b1: float = 0.9,
     b2: float = 0.99,
-    state_dtype: Any = jnp.float32,
+    mu_dtype: Any = None,
+    *,
     tie: str = "zero",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lion-style sign momentum.
@@ -221,7 +228,8 @@ def sign_momentum(
     u_t = \operatorname{tsign}_T\big(\beta_1 m_{t-1} + (1 - \beta_1) g_t\big),
     \qquad m_t = \beta_2 m_{t-1} + (1 - \beta_2) g_t,\quad m_0 = 0.
 
-  ``chain(scale_by_lion_momentum(b1, b2, state_dtype), scale_by_sign(tie))``.
+  ``chain(scale_by_lion_momentum(b1, b2, mu_dtype), scale_by_sign(tie))``, the
+  hard-sign ``optax.scale_by_lion`` with a tie policy.
   With :math:`\beta_1 = \beta_2` it is Signum. Chained with
   ``optax.add_decayed_weights(wd)`` and ``optax.scale_by_learning_rate(lr)`` it
   is ``optax.lion(lr, b1, b2, weight_decay=wd)``. The momentum is readable as
@@ -230,7 +238,7 @@ def sign_momentum(
   Args:
     b1: interpolation between momentum and gradient for the direction, in [0, 1].
     b2: decay of the momentum, in [0, 1].
-    state_dtype: floating dtype of the momentum (float32 by default).
+    mu_dtype: floating dtype of the momentum (``None``: the parameter's).
     tie: tie policy for exact zeros (see :func:`tie_sign`).
 
   Returns:
@@ -244,5 +252,5 @@ def sign_momentum(
     Chen et al., "Symbolic Discovery of Optimization Algorithms" (Lion),
     arXiv 2302.06675; Bernstein et al., arXiv 1802.04434 (Signum).
   """
-  return optax.chain(scale_by_lion_momentum(b1, b2, state_dtype),
+  return optax.chain(scale_by_lion_momentum(b1, b2, mu_dtype),
                      scale_by_sign(tie))

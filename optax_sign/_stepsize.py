@@ -153,11 +153,30 @@ def _absent(tree: Any) -> bool:
   return isinstance(tree, tuple) and not tree
 
 
-def _is_zero(value: Any) -> bool:
-  """True when ``value`` is a concrete zero (a traced value counts as nonzero)."""
-  if isinstance(value, jax.core.Tracer):
-    return False
-  return float(value) == 0.0
+def _concrete_int(value: Any) -> Optional[int]:
+  """An integer hyperparameter's value; None while it is traced."""
+  return None if isinstance(value, jax.core.Tracer) else int(value)
+
+
+def _scalar_loss(value: Any) -> jax.Array:
+  """The ``value=`` extra argument as a float32 scalar."""
+  if jnp.ndim(value) != 0:
+    raise ValueError(
+        "value= must be the scalar loss, got an array of shape "
+        f"{jnp.shape(value)}; pass the mean over the batch (e.g. "
+        "loss.mean())")
+  return jnp.asarray(value, _F32)
+
+
+def _check_warmup(warmup_steps: Any, warmup_stepsize: Any) -> None:
+  """A warmup needs its stepsize (scalar or schedule)."""
+  if warmup_stepsize is None:
+    if _concrete_int(warmup_steps) not in (0, None):
+      raise ValueError(
+          "warmup_stepsize (a scalar or a schedule) is required when "
+          f"warmup_steps > 0, got warmup_steps={warmup_steps}")
+  else:
+    _checks.check_nonnegative_or_schedule("warmup_stepsize", warmup_stepsize)
 
 
 def _pmean(x: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -211,7 +230,7 @@ def scale_by_alias(
     nesterov: bool = False,
     memory: str = "full",
     tie: str = "zero",
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = "float32",
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sign-SGD with the parameter-free ALIAS stepsize; emits the final update.
@@ -299,33 +318,32 @@ def scale_by_alias(
   _checks.check_choice("memory", memory, MEMORIES)
   _checks.check_tie(tie)
   _checks.check_positive("d0", d0)
-  _checks.check_interval("f_lower", f_lower, -float("inf"), float("inf"))
+  _checks.check_real("f_lower", f_lower)
   if initial_value is not None:
-    _checks.check_interval("initial_value", initial_value, -float("inf"),
-                           float("inf"))
+    _checks.check_real("initial_value", initial_value)
   _checks.check_nonnegative("eta0", eta0)
   _checks.check_positive("initial_stepsize", initial_stepsize)
   if max_stepsize is not None:
     _checks.check_positive("max_stepsize", max_stepsize)
   _checks.check_int("update_gap", update_gap, 1)
   _checks.check_int("warmup_steps", warmup_steps, 0)
-  if warmup_steps > 0 and warmup_stepsize is None:
-    raise ValueError("warmup_stepsize (a scalar or a schedule) is required "
-                     f"when warmup_steps > 0, got warmup_steps={warmup_steps}")
-  if warmup_stepsize is not None and not callable(warmup_stepsize):
-    _checks.check_nonnegative("warmup_stepsize", warmup_stepsize)
+  _check_warmup(warmup_steps, warmup_stepsize)
   _checks.check_nonnegative("weight_decay", weight_decay)
   _checks.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
-  if memory == "sign" and update_gap != 1:
+  _checks.check_bool("nesterov", nesterov)
+  if memory == "sign" and _concrete_int(update_gap) not in (1, None):
     raise ValueError("memory='sign' requires update_gap=1 (a window of several "
                      f"steps is not representable in bits), got {update_gap}")
   state_dtype = _checks.check_float_dtype("state_dtype", state_dtype)
 
+  # Structure (which buffers exist, which terms are reduced) follows Python
+  # values only; an array (optax.inject_hyperparams) takes the general path.
   k = update_gap
   full = memory == "full"
-  has_decay = not _is_zero(weight_decay)
-  has_momentum = not _is_zero(momentum)
-  has_window = full and (k > 1 or has_decay or has_momentum)
+  gap_one = not full or _checks.static_int(update_gap) == 1
+  has_decay = not _checks.is_static_zero(weight_decay)
+  has_momentum = not _checks.is_static_zero(momentum)
+  has_window = full and (not gap_one or has_decay or has_momentum)
   # A vote is never the sign of a local gradient: keep it as bits.
   keep_bits = not full or axis_name is not None
   option2 = distance == "lower_bound"
@@ -357,6 +375,7 @@ def scale_by_alias(
     if has_decay and params is None:
       raise ValueError("scale_by_alias with weight_decay > 0 needs params: "
                        "call update(grads, state, params)")
+    _checks.warn_misspelled(extra_args)
     prev_grads = extra_args.get("prev_grads")
     t = state.count
     gamma_prev = state.stepsize
@@ -371,7 +390,7 @@ def scale_by_alias(
             "value=loss to update (only the first call's value is used) or "
             "set initial_value= at construction")
       else:
-        f0 = jnp.asarray(extra_args["value"], _F32)
+        f0 = _scalar_loss(extra_args["value"])
     else:
       f0 = jnp.zeros([], _F32)
 
@@ -435,7 +454,7 @@ def scale_by_alias(
       terms["u_inf"] = ("max", jax.tree.map(jnp.abs, direction))
     if secant and has_decay:
       terms["g_x"] = ("sum", mult(g32, x32))
-    if k > 1:
+    if not gap_one:
       terms["den"] = ("max", jax.tree.map(jnp.abs, delta))
     stats = dict(zip(terms, _global_reduce(
         list(terms.values()), _communication.axis_names(axis_name))))
@@ -470,7 +489,7 @@ def scale_by_alias(
     f_diff = jnp.where(t == 0, jnp.maximum(f0 - f_lower, 0.0), state.f_diff)
 
     # 2. Smoothness sample and distance increment.
-    den = state.last_update_norm if k == 1 else stats["den"]
+    den = state.last_update_norm if gap_one else stats["den"]
     if not secant:
       l_hat = num / jnp.where(den > 0, den, 1.0)
     else:
@@ -489,7 +508,7 @@ def scale_by_alias(
       gamma = jnp.minimum(gamma, max_stepsize)
     gamma = jnp.where(recompute, gamma, gamma_prev)
     dist = jnp.where(recompute, dist, state.distance)
-    if warmup_steps > 0:
+    if warmup_stepsize is not None:
       warm = (warmup_stepsize(t) if callable(warmup_stepsize)
               else warmup_stepsize)
       gamma = jnp.where(t < warmup_steps, jnp.asarray(warm, _F32), gamma)
@@ -515,11 +534,11 @@ def scale_by_alias(
     # 6. Bookkeeping.
     snap = t % k == 0
     grad_snapshot = state.grad_snapshot
-    if full and k == 1:
-      grad_snapshot = optax.tree.cast(updates, state_dtype)
+    if full and gap_one:
+      grad_snapshot = _sign.cast_like(updates, state.grad_snapshot)
     elif full:
       grad_snapshot = jax.tree.map(
-          lambda g, old: jnp.where(snap, g.astype(state_dtype), old),
+          lambda g, old: jnp.where(snap, g.astype(old.dtype), old),
           updates, state.grad_snapshot)
     window = state.window
     if has_window:
@@ -537,7 +556,7 @@ def scale_by_alias(
         last_inner=last_inner.astype(_F32),
         grad_snapshot=grad_snapshot,
         window=window,
-        momentum=(optax.tree.cast(new_momentum, state_dtype)
+        momentum=(_sign.cast_like(new_momentum, state.momentum)
                   if has_momentum else ()),
         sign_bits=sign_bits,
         nonzero_bits=nonzero_bits)
@@ -564,7 +583,9 @@ def alias_previous_params(params: optax.Params,
 
   Returns :math:`x_t - (x_t - x_{t-k})`: the stored window when there is one,
   otherwise :math:`x_t - u_{t-1}` rebuilt from the stored direction. Evaluate
-  the current batch's gradient there and pass it as ``prev_grads=``.
+  the current batch's gradient there and pass it as ``prev_grads=``. Flax NNX
+  trees are accepted as they are (``nnx.state(model, nnx.Param)`` and
+  ``optimizer.opt_state``); the result has the structure of ``params``.
 
   Args:
     params: the current parameters :math:`x_t`.
@@ -584,20 +605,25 @@ def alias_previous_params(params: optax.Params,
     >>> #                                prev_grads=prev_grads)
   """
   s = _find_alias_state(state)
+  # Leaves in order, so that wrapped trees (Flax NNX ``Param`` parameters and
+  # ``OptVariable`` states) combine as they are.
+  x, treedef = jax.tree.flatten(params)
+  gamma = jax.tree.leaves(s.stepsize)[0]
   if not _absent(s.window):
-    return jax.tree.map(lambda x, w: (x - w).astype(x.dtype), params, s.window)
-  gamma = s.stepsize
+    return treedef.unflatten([(xi - w).astype(xi.dtype) for xi, w in
+                              zip(x, jax.tree.leaves(s.window))])
   if not _absent(s.sign_bits):  # x_t - u_{t-1}, u_{t-1} as in the update.
-    signs = _unpack_signs(s.sign_bits, s.nonzero_bits, params)
+    nonzero = (() if _absent(s.nonzero_bits)
+               else jax.tree.leaves(s.nonzero_bits))
+    signs = _unpack_signs(jax.tree.leaves(s.sign_bits), nonzero, x)
     shrink = 1.0 - gamma * weight_decay
     shrink = jnp.where(shrink > 0, shrink, 1.0)
-    return jax.tree.map(
-        lambda x, d: (x.astype(_F32) + gamma * (
-            d + weight_decay * x.astype(_F32)) / shrink).astype(x.dtype),
-        params, signs)
-  return jax.tree.map(
-      lambda x, g: (x.astype(_F32) + gamma * _sign.tie_sign(
-          g.astype(_F32), tie)).astype(x.dtype), params, s.grad_snapshot)
+    return treedef.unflatten([
+        (xi.astype(_F32) + gamma * (d + weight_decay * xi.astype(_F32))
+         / shrink).astype(xi.dtype) for xi, d in zip(x, signs)])
+  return treedef.unflatten([
+      (xi.astype(_F32) + gamma * _sign.tie_sign(g.astype(_F32), tie)).astype(
+          xi.dtype) for xi, g in zip(x, jax.tree.leaves(s.grad_snapshot))])
 
 
 # ----------------------------------------------------------------------------
@@ -627,7 +653,7 @@ def scale_by_alias_momentum(
     direction: str = "sign_snr",
     per_tensor: bool = False,
     weight_decay: float = 0.0,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Momentum / Adam-style ALIAS (experimental reconstruction).
 
@@ -688,7 +714,7 @@ def scale_by_alias_momentum(
   _checks.check_choice("direction", direction, ("sign_snr", "adam"))
   _checks.check_nonnegative("weight_decay", weight_decay)
   state_dtype = _checks.check_float_dtype("state_dtype", state_dtype)
-  has_decay = not _is_zero(weight_decay)
+  has_decay = not _checks.is_static_zero(weight_decay)
 
   def scalars(params, value):
     if per_tensor:
@@ -757,9 +783,9 @@ def scale_by_alias_momentum(
         count=optax.safe_increment(t),
         distance=dist,
         running=running,
-        mu=optax.tree.cast(mu, state_dtype),
-        nu=optax.tree.cast(nu, state_dtype),
-        prev_grad=(optax.tree.cast(updates, state_dtype)
+        mu=_sign.cast_like(mu, state.mu),
+        nu=_sign.cast_like(nu, state.nu),
+        prev_grad=(_sign.cast_like(updates, state.prev_grad)
                    if dot == "abs_abs" else ()),
         sign_bits=sign_bits,
         nonzero_bits=nonzero_bits)

@@ -30,3 +30,9 @@ CASES = [
                      learning_rate),
                  {"learning_rate": 0.1}),
 ]
+
+
+DEFAULTS = [
+    harness.Default("majority_vote", optax_sign.majority_vote, (None,)),
+    harness.Default("mean_of_signs", optax_sign.mean_of_signs, (None,)),
+]

@@ -47,3 +47,15 @@ CASES = [
     harness.Case("local_steps_model_averaging", _model_averaging,
                  {"inner_learning_rate": 0.05}),
 ]
+
+
+DEFAULTS = [
+    harness.Default("dsm_ls", optax_sign.dsm_ls, (0.01,)),
+    harness.Default("diloco", optax_sign.diloco, (0.01,)),
+    harness.Default("slowmo", optax_sign.slowmo, (0.01,)),
+    harness.Default("model_averaging", optax_sign.model_averaging, (0.01,)),
+    harness.Default("global_sign_momentum", optax_sign.global_sign_momentum),
+    harness.Default("local_steps", optax_sign.local_steps,
+                    (optax.sgd(0.01), optax.sgd(1.0)),
+                    {"inner_learning_rate": 0.01}),
+]

@@ -42,3 +42,17 @@ CASES = [
                      optax_sign.scale_by_error_feedback_sign(), learning_rate),
                  {"learning_rate": 0.1}),
 ]
+
+
+DEFAULTS = [
+    harness.Default("sign_sgd", optax_sign.sign_sgd, (0.02,)),
+    harness.Default("signum", optax_sign.signum, (0.02,)),
+    harness.Default("lion_like", optax_sign.lion_like, (0.02,)),
+    harness.Default("scale_by_sign", optax_sign.scale_by_sign),
+    harness.Default("scale_by_randomized_sign",
+                    optax_sign.scale_by_randomized_sign, (_KEY,)),
+    harness.Default("scale_by_lion_momentum", optax_sign.scale_by_lion_momentum),
+    harness.Default("sign_momentum", optax_sign.sign_momentum),
+    harness.Default("scale_by_error_feedback_sign",
+                    optax_sign.scale_by_error_feedback_sign),
+]

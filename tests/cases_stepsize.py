@@ -54,3 +54,13 @@ CASES = [
                      learning_rate, d0=d0),
                  {"learning_rate": 0.02, "d0": 1.0}),
 ]
+
+
+DEFAULTS = [
+    harness.Default("alias_sign_sgd", optax_sign.alias_sign_sgd),
+    harness.Default("alias_sign_sgd_released",
+                    optax_sign.alias_sign_sgd_released, (40,)),
+    harness.Default("scale_by_alias", optax_sign.scale_by_alias),
+    harness.Default("scale_by_alias_momentum",
+                    optax_sign.scale_by_alias_momentum),
+]

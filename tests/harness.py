@@ -1,15 +1,17 @@
 """The shared harness: every public transformation registers a ``Case`` here.
 
 A case module is any ``tests/cases_*.py`` file defining ``CASES``, a list of
-:class:`Case`. ``test_harness.py`` discovers them all and runs every check on
-every case, so a new transformation joins the suite by adding one entry.
+:class:`Case`, and ``DEFAULTS``, a list of :class:`Default` (every public
+factory called with its defaults). ``test_harness.py`` discovers them all and
+runs every check on every entry, so a new transformation joins the suite by
+adding one entry to each list.
 """
 
 import dataclasses
 import glob
 import importlib
 import os
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -36,15 +38,42 @@ class Case:
   tol: float = 0.05
 
 
-def discover() -> List[Case]:
-  cases = []
+@dataclasses.dataclass(frozen=True)
+class Default:
+  """A public factory called the way users call it: required arguments only.
+
+  Attributes:
+    name: the factory's public name (test id).
+    factory: the public factory itself (never a wrapper hiding arguments).
+    args: its required positional arguments.
+    kwargs: required keyword arguments (an argument that is optional in the
+      signature but required by the defaults of another).
+    steps: steps to run (long enough to cross a sync or a warmup).
+  """
+  name: str
+  factory: Callable[..., optax.GradientTransformation]
+  args: Tuple[Any, ...] = ()
+  kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  steps: int = 13
+
+
+def _gather(attribute: str) -> list:
+  found = []
   here = os.path.dirname(__file__)
   for path in sorted(glob.glob(os.path.join(here, "cases_*.py"))):
     module = importlib.import_module(os.path.basename(path)[:-3])
-    cases.extend(module.CASES)
-  names = [c.name for c in cases]
-  assert len(names) == len(set(names)), f"duplicate case names: {names}"
-  return cases
+    found.extend(getattr(module, attribute, []))
+  names = [c.name for c in found]
+  assert len(names) == len(set(names)), f"duplicate {attribute}: {names}"
+  return found
+
+
+def discover() -> List[Case]:
+  return _gather("CASES")
+
+
+def discover_defaults() -> List[Default]:
+  return _gather("DEFAULTS")
 
 
 # A small convex problem on a two-leaf pytree:

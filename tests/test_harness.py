@@ -202,6 +202,10 @@ _PACKED_BITS = {"alias_gap_sign_memory", "alias_lower_bound_sign_memory",
         reason="packed sign bits are flattened (issue 10 item 6)"))
     if c.name in _PACKED_BITS else c for c in CASES], ids=IDS)
 def test_state_types_stable_on_explicit_mesh(case):
+  _check_state_types_on_explicit_mesh(lambda: case.make(**case.hparams))
+
+
+def _check_state_types_on_explicit_mesh(make):
   """optax's sharding check: on an Explicit mesh with a leaf sharded
   ``P(None, "x")``, ``jax.typeof`` of every state leaf (shape, dtype,
   sharding) is the same after init, an eager update and a jitted update."""
@@ -210,7 +214,7 @@ def test_state_types_stable_on_explicit_mesh(case):
   with jax.set_mesh(mesh):
     params = harness.init_params()
     params["w"] = jax.sharding.reshard(params["w"], jax.P(None, "x"))
-    opt = case.make(**case.hparams)
+    opt = make()
     grads = jax.tree.map(jnp.ones_like, params)
     update = lambda g, s, p: opt.update(g, s, p, value=jnp.float32(1.0))
     state = opt.init(params)
@@ -220,3 +224,95 @@ def test_state_types_stable_on_explicit_mesh(case):
     assert types[0] == types[1] == types[2], types
     updates = jax.jit(update)(grads, state, params)[0]
     assert jax.typeof(updates["w"]).sharding.spec == jax.P(None, "x")
+
+
+# Every public factory, called the way users call it (required arguments only,
+# no wrapper hiding the defaults), through the optax wrappers.
+DEFAULTS = harness.discover_defaults()
+by_default = pytest.mark.parametrize("default", DEFAULTS,
+                                     ids=[d.name for d in DEFAULTS])
+
+
+def _factories():
+  """Names of the public functions that return a gradient transformation."""
+  import inspect
+  import optax_sign
+  names = []
+  for name in optax_sign.__all__:
+    obj = getattr(optax_sign, name)
+    if inspect.isfunction(obj):
+      ret = inspect.signature(obj).return_annotation
+      if "GradientTransformation" in str(ret):
+        names.append(name)
+  return names
+
+
+# Wrappers that need a device mesh; tests/test_data_parallel.py covers them.
+_NEEDS_MESH = {"data_parallel"}
+
+
+def test_every_public_factory_has_a_default_call():
+  assert sorted(set(_factories()) - _NEEDS_MESH) == sorted(
+      d.name for d in DEFAULTS)
+
+
+def _types(tree):
+  return jax.tree.map(lambda x: (x.shape, x.dtype), _numeric(tree))
+
+
+@by_default
+def test_inject_hyperparams_with_defaults(default):
+  """``inject_hyperparams(factory)(*required)``: eager init, jitted update, the
+  same trajectory as the factory itself and a state whose structure and dtypes
+  never change; init under jit gives the same state."""
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    direct = default.factory(*default.args, **default.kwargs)
+    injected = optax.inject_hyperparams(default.factory)(
+        *default.args, **default.kwargs)
+    params = harness.init_params()
+    state0 = injected.init(params)
+    ref_params, _ = harness.run(direct, default.steps)
+    got_params, state = harness.run(injected, default.steps)
+    _close(got_params, ref_params)
+    assert jax.tree.structure(state) == jax.tree.structure(state0)
+    assert _types(state) == _types(state0)
+    jit_state0 = jax.jit(injected.init)(params)
+    _close(jit_state0, state0, rtol=0, atol=0)
+    assert jax.tree.structure(jit_state0) == jax.tree.structure(state0)
+
+
+@by_default
+def test_defaults_preserve_bf16(default):
+  """optax's dtype check: bf16 parameters give bf16 updates and a state whose
+  dtypes do not change under jit."""
+  tx = default.factory(*default.args, **default.kwargs)
+  params = harness.init_params(jnp.bfloat16)
+  state0 = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, value=jnp.float32(1.0)))
+  updates, state = update(grads, state0, params)
+  for u in jax.tree.leaves(updates):
+    assert u.dtype == jnp.bfloat16
+  assert _types(state) == _types(state0)
+
+
+@pytest.mark.parametrize("default", [
+    pytest.param(d, marks=pytest.mark.xfail(
+        strict=True,
+        reason="packed sign bits are flattened (issue 10 item 6)"))
+    if d.name == "scale_by_alias_momentum" else d for d in DEFAULTS],
+    ids=[d.name for d in DEFAULTS])
+def test_defaults_state_types_stable_on_explicit_mesh(default):
+  _check_state_types_on_explicit_mesh(
+      lambda: default.factory(*default.args, **default.kwargs))
+
+
+@by_default
+def test_defaults_jit_and_no_jit_agree(default):
+  tx = default.factory(*default.args, **default.kwargs)
+  eager_params, eager_state = harness.run(tx, default.steps, jit=False)
+  jit_params, jit_state = harness.run(tx, default.steps)
+  _close(eager_params, jit_params)
+  _close(eager_state, jit_state)

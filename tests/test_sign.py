@@ -50,7 +50,7 @@ def test_sign_sgd_step_has_learning_rate_magnitude():
 def _lion_runs(dtype, steps=100, weight_decay=0.01):
   """Runs optax.lion and our chain on the same gradient and parameter stream."""
   lr, b1, b2 = 3e-3, 0.9, 0.99
-  ours = optax.chain(optax_sign.sign_momentum(b1, b2),
+  ours = optax.chain(optax_sign.sign_momentum(b1, b2, jnp.float32),
                      optax.add_decayed_weights(weight_decay),
                      optax.scale_by_learning_rate(lr))
   ref = optax.lion(lr, b1, b2, mu_dtype=jnp.float32,
@@ -79,7 +79,7 @@ def test_sign_momentum_reproduces_optax_lion_bf16():
   # differs only by our final rounding to bf16 (the gradient dtype), where
   # optax returns float32: three bf16 roundings (decay term, sum, product).
   b1, b2 = 0.9, 0.99
-  ours, ref = optax_sign.sign_momentum(b1, b2), optax.scale_by_lion(
+  ours, ref = optax_sign.sign_momentum(b1, b2, jnp.float32), optax.scale_by_lion(
       b1, b2, mu_dtype=jnp.float32)
   grads = _random_tree(jax.random.key(0), jnp.bfloat16)
   s_ours, s_ref = ours.init(grads), ref.init(grads)
@@ -177,11 +177,11 @@ def test_randomized_sign_state_gives_fresh_and_reproducible_samples():
     (optax_sign.scale_by_lion_momentum, {"b2": float("nan")}, "b2"),
     (optax_sign.sign_momentum, {"tie": "up"}, "tie"),
     (optax_sign.scale_by_sign, {"tie": None}, "tie"),
-    (optax_sign.sign_momentum, {"state_dtype": jnp.int32}, "state_dtype"),
+    (optax_sign.sign_momentum, {"mu_dtype": jnp.int32}, "mu_dtype"),
     (optax_sign.scale_by_error_feedback_sign, {"state_dtype": "int8"},
      "state_dtype"),
     (optax_sign.sign_sgd, {"learning_rate": -1.0}, "learning_rate"),
-    (optax_sign.signum, {"learning_rate": 0.1, "beta": 2.0}, "b1"),
+    (optax_sign.signum, {"learning_rate": 0.1, "beta": 2.0}, "beta"),
     (optax_sign.lion_like, {"learning_rate": 0.1, "weight_decay": -1.0},
      "weight_decay"),
 ])
@@ -202,3 +202,53 @@ def test_randomized_sign_rejects_nonpositive_bound(bound):
 def test_randomized_sign_rejects_non_keys(key):
   with pytest.raises(TypeError, match="key"):
     optax_sign.scale_by_randomized_sign(key, bound=1.0)
+
+
+# The functions that mirror an optax one, called with the same positional
+# arguments (every argument of the optax function, none left at its default).
+_MIRRORS = [
+    (optax_sign.sign_sgd, optax.sign_sgd, (0.01,)),
+    (optax_sign.signum, optax.signum, (0.01, 0.8, jnp.float32)),
+    (optax_sign.lion_like, optax.lion,
+     (0.01, 0.8, 0.95, jnp.float32, 0.1, None)),
+    (optax_sign.sign_momentum, optax.scale_by_lion, (0.8, 0.95, None)),
+]
+
+
+@pytest.mark.parametrize("ours,theirs,args", _MIRRORS,
+                         ids=[m[0].__name__ for m in _MIRRORS])
+def test_mirrors_keep_optax_names_order_and_defaults(ours, theirs, args):
+  """Optax's parameters come first, in its order, with its defaults; the
+  extras are keyword-only."""
+  import inspect
+  mine = list(inspect.signature(ours).parameters.values())
+  ref = list(inspect.signature(theirs).parameters.values())
+  ref = [p for p in ref if p.kind != p.KEYWORD_ONLY]
+  for a, b in zip(mine, ref):
+    assert (a.name, a.kind) == (b.name, b.kind), ours.__name__
+    assert a.default == b.default or (a.default is b.default), a.name
+  for extra in mine[len(ref):]:
+    assert extra.kind == extra.KEYWORD_ONLY, (ours.__name__, extra.name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("ours,theirs,args", _MIRRORS,
+                         ids=[m[0].__name__ for m in _MIRRORS])
+def test_mirrors_equal_optax_called_positionally(ours, theirs, args, dtype):
+  """The same positional call gives optax's updates and state dtypes."""
+  tx_ours, tx_ref = ours(*args), theirs(*args)
+  params = _random_tree(jax.random.key(0), dtype)
+  s_ours, s_ref = tx_ours.init(params), tx_ref.init(params)
+  for t in range(20):
+    grads = _random_tree(jax.random.key(100 + t), dtype)
+    u_ours, s_ours = tx_ours.update(grads, s_ours, params)
+    u_ref, s_ref = tx_ref.update(grads, s_ref, params)
+    # Ours rounds the update to the gradient dtype; optax may keep float32.
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda u: u.astype(jnp.float32), u_ours),
+        jax.tree.map(lambda u: u.astype(jnp.float32), u_ref),
+        rtol=2.0 ** -7 if dtype == jnp.bfloat16 else 1e-6, atol=1e-9)
+    params = optax.apply_updates(params, u_ours)
+  dtypes = lambda s: sorted(str(x.dtype) for x in jax.tree.leaves(s)
+                            if x.ndim > 0)
+  assert dtypes(s_ours) == dtypes(s_ref)
