@@ -22,7 +22,7 @@ import numpy as np
 TIE_POLICIES = ("zero", "positive", "negative")
 INT32_MAX = 2**31 - 1
 # Extra arguments of ``update`` that some transformation of this package reads.
-EXTRA_ARGS = ("value", "prev_grads", "alive")
+EXTRA_ARGS = ("value", "prev_grads", "alive", "sync")
 _warned = set()
 
 

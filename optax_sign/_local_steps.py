@@ -91,7 +91,11 @@ def local_steps(
 
   The average is a ``pmean`` over ``axis_name`` in float32 (one fp32
   all-reduce of the parameters), placed inside ``lax.cond`` on the replicated
-  counter: the other steps run no collective at all. With the extra argument
+  counter: the other steps run no collective at all. XLA still materialises
+  the conditional's operands on every step; to make a non-sync step cost what
+  the inner optimizer costs, pass the extra argument ``sync=`` as a Python
+  bool and jit two steps chosen on the host (``sync=(i + 1) % sync_every ==
+  0``): then no conditional is built and the counter only counts. With the extra argument
   ``alive=`` (this worker's flag or a replicated ``(N,)`` mask, read on sync
   steps) the average is over the live workers only, every worker (a dead one
   too) moves to the new anchor, and with no live worker the round makes no
@@ -134,6 +138,9 @@ def local_steps(
     >>> lr = 1e-3
     >>> tx = local_steps(optax.adam(lr), global_sign_momentum(), sync_every=12,
     ...                  axis_name="x", inner_learning_rate=lr)
+
+    A complete run over 4 workers is in the example of
+    :func:`local_steps_vmap_state`.
 
   References:
     Yu et al., "Distributed Sign Momentum with Local Steps for Training
@@ -214,12 +221,12 @@ def local_steps(
     _checks.warn_misspelled(extra_args)
     inner_updates, inner_state = inner.update(
         updates, state.inner_state, params, **extra_args)
-    local_new = optax.apply_updates(params, inner_updates)
     emitted_axes = jax.tree.map(
         lambda u, p: _varying_axes(u) | _varying_axes(p), inner_updates, params)
 
     def on_sync(operands):
-      count, local_new, params, anchor, outer_state = operands
+      count, inner_updates, params, anchor, outer_state = operands
+      local_new = optax.apply_updates(params, inner_updates)
       new_anchor, new_outer = sync_step(count, local_new, anchor, outer_state,
                                         extra_args.get("alive"))
       emitted = jax.tree.map(
@@ -230,15 +237,19 @@ def local_steps(
               _vary_like(new_outer, outer_state), emitted)
 
     def on_local(operands):
-      _, _, _, anchor, outer_state = operands
+      _, inner_updates, _, anchor, outer_state = operands
       emitted = jax.tree.map(_vary, inner_updates, emitted_axes)
       return anchor, outer_state, emitted
 
     count = state.count
-    is_sync = (count + 1) % sync_every == 0
-    anchor, outer_state, emitted = jax.lax.cond(
-        is_sync, on_sync, on_local,
-        (count, local_new, params, state.anchor, state.outer_state))
+    operands = (count, inner_updates, params, state.anchor, state.outer_state)
+    sync = extra_args.get("sync")
+    if sync is None:
+      anchor, outer_state, emitted = jax.lax.cond(
+          (count + 1) % sync_every == 0, on_sync, on_local, operands)
+    else:  # chosen on the host: no conditional, no parameter-sized copy
+      _checks.check_bool("sync", sync)
+      anchor, outer_state, emitted = (on_sync if sync else on_local)(operands)
     new_state = LocalStepsState(
         count=optax.safe_increment(count),
         anchor=anchor,
@@ -261,7 +272,12 @@ def local_steps_anchor(state: optax.OptState) -> optax.Params:
     boundary it is the global model, bitwise identical on every worker.
 
   Example:
+    >>> tx = local_steps(optax.sgd(1e-2), optax.sgd(1.0), sync_every=4,
+    ...                  inner_learning_rate=1e-2)
+    >>> opt_state = tx.init(params)
     >>> eval_params = local_steps_anchor(opt_state)
+    >>> jax.tree.map(jnp.shape, eval_params)
+    {'b': (2,), 'w': (3, 2)}
   """
   found = [s for s in jax.tree.leaves(
       state, is_leaf=lambda x: isinstance(x, LocalStepsState))
@@ -297,9 +313,23 @@ def local_steps_vmap_state(
     ``None`` elsewhere).
 
   Example:
+    Four workers simulated by a named ``jax.vmap``, each on its own quarter
+    of the batch, syncing every 4 steps:
+
+    >>> tx = dsm_ls(inner_learning_rate=1e-2, sync_every=4, axis_name="workers")
     >>> state, axes = local_steps_vmap_state(tx.init(params), 4)
-    >>> step = jax.vmap(step, in_axes=(0, axes, 0), out_axes=(0, axes),
-    ...                 axis_name="workers")
+    >>> def step(params, state, batch):
+    ...   grads = jax.grad(loss_fn)(params, batch)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> step = jax.jit(jax.vmap(step, in_axes=(0, axes, 0), out_axes=(0, axes),
+    ...                         axis_name="workers"))
+    >>> local = jax.tree.map(lambda p: jnp.stack([p] * 4), params)
+    >>> shards = jax.tree.map(lambda a: a.reshape(4, -1, *a.shape[1:]), batch)
+    >>> for _ in range(8):  # two rounds
+    ...   local, state = step(local, state, shards)
+    >>> int(state.count), jax.tree.map(jnp.shape, local_steps_anchor(state))
+    (8, {'b': (2,), 'w': (3, 2)})
   """
   if not isinstance(state, LocalStepsState):
     raise TypeError("local_steps_vmap_state expects the LocalStepsState of "
@@ -332,7 +362,11 @@ def broadcast_params(params: optax.Params, axis_name: AxisName) -> optax.Params:
     Worker 0's parameters, in the dtype of ``params``.
 
   Example:
-    >>> params = broadcast_params(params, "x")
+    >>> keys = jax.random.split(jax.random.key(0), 4)
+    >>> w = jax.vmap(lambda k: jax.random.normal(k, (3,)))(keys)  # 4 inits
+    >>> same = jax.vmap(lambda p: broadcast_params(p, "x"), axis_name="x")(w)
+    >>> bool(jnp.all(same == w[0]))
+    True
   """
   if axis_name is None:
     raise ValueError("broadcast_params needs the workers' axis_name")

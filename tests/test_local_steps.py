@@ -805,3 +805,46 @@ def test_alive_averages_live_replicas_only(dead):
   for i in range(workers):  # every replica rejoins at the anchor
     np.testing.assert_allclose(np.asarray(params["w"][i]), expected,
                                rtol=1e-5, atol=1e-3 if i in dead else 1e-6)
+
+
+def test_sync_chosen_on_the_host_equals_the_counter():
+  """Two jitted steps (sync=False / sync=True) picked on the host give the
+  counter-driven trajectory, on 4 workers under shard_map (to rounding: the
+  programs differ, so XLA may fuse differently)."""
+  opt = _dsm(sync_every=3)
+  mesh = _mesh()
+  spec = _shard_map_specs()
+
+  def make(sync):
+    def per_device(params, state, target):
+      squeeze = lambda t: jax.tree.map(lambda x: x[0], t)
+      expand = lambda t: jax.tree.map(lambda x: x[None], t)
+      p, s = squeeze(params), state._replace(
+          inner_state=squeeze(state.inner_state))
+      grads = jax.grad(_loss)(p, squeeze(target))
+      kwargs = {} if sync is None else {"sync": sync}
+      updates, s = opt.update(grads, s, p, **kwargs)
+      p = optax.apply_updates(p, updates)
+      return expand(p), s._replace(inner_state=expand(s.inner_state))
+    return jax.jit(jax.shard_map(per_device, mesh=mesh,
+                                 in_specs=(P("x"), spec, P("x")),
+                                 out_specs=(P("x"), spec)))
+
+  counter, local, sync = make(None), make(False), make(True)
+  a = b = _shard_map_args(opt)
+  targets = a[2]
+  for t in range(8):
+    a = counter(*a) + (targets,)
+    b = (sync if (t + 1) % 3 == 0 else local)(*b) + (targets,)
+    chex.assert_trees_all_close(a[:2], b[:2], rtol=1e-6, atol=1e-7)
+  # The host-chosen non-sync step has no conditional and no collective.
+  hlo = local.lower(*b).compile().as_text()
+  assert "conditional" not in hlo and "all-reduce" not in hlo
+
+
+def test_sync_must_be_a_python_bool():
+  opt = _dsm(sync_every=3)
+  params = jax.tree.map(lambda x: x, PARAMS0)
+  with pytest.raises(TypeError, match="sync must be True or False"):
+    jax.vmap(lambda p, s: opt.update(p, s, p, sync=jnp.bool_(True)),
+             axis_name="x")(_stack(params), _stack(opt.init(params)))
