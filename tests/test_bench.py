@@ -1,6 +1,8 @@
 """Tests of the benchmark CLI, run in-process at tiny sizes."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +216,38 @@ def test_list(capsys):
   for name in ("alias", "sign_sgd", "adamw", "prodigy", "dog", "mechanize",
                "majority_vote", "dsm_ls"):
     assert f"  {name} " in listing
+
+
+def _run_without(module, code):
+  """Runs ``code`` in a fresh interpreter where ``import module`` fails."""
+  script = f"import sys\nsys.modules[{module!r}] = None\n{code}"
+  return subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("module, package", cli.EXTRA_MODULES.items())
+def test_missing_extra_names_it(module, package):
+  """Without a package of the bench extra the CLI exits with an install hint
+  (before any work), not a ModuleNotFoundError traceback."""
+  result = _run_without(module, "from optax_sign.bench import cli\n"
+                                "cli.main(['--tiny', '--task', 'logreg'])")
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.startswith("optax-sign-bench: error:"), result.stderr
+  assert f"missing packages of the bench extra: {package};" in result.stderr
+  assert 'pip install "optax-sign[bench]"' in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_missing_flax_python_m():
+  """``python -m optax_sign.bench`` imports no flax before the check."""
+  result = _run_without("flax", "import runpy\n"
+                                "sys.argv = ['optax_sign.bench', '--help']\n"
+                                "runpy.run_module('optax_sign.bench', "
+                                "run_name='__main__')")
+  assert result.returncode == 1, result.stderr
+  assert "bench extra: flax;" in result.stderr
+  assert 'pip install "optax-sign[bench]"' in result.stderr
+  assert "Traceback" not in result.stderr
 
 
 def test_every_entry_builds():

@@ -14,14 +14,22 @@ Every run prints a table, writes ``results.json`` and one PNG per task into
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from optax_sign.bench import data as data_lib
 from optax_sign.bench import optimizers as opt_lib
-from optax_sign.bench import tasks as task_lib
+
+# The ``bench`` extra (pyproject.toml): import name -> package name. ``tasks``
+# (flax), ``runner`` (tqdm), ``report`` (matplotlib) and ``data``
+# (scikit-learn) import them, the last three lazily; this module imports
+# ``tasks`` only inside functions, so that ``main`` can name what is missing.
+EXTRA_MODULES = {"flax": "flax", "matplotlib": "matplotlib",
+                 "sklearn": "scikit-learn", "tqdm": "tqdm"}
+INSTALL_HINT = 'pip install "optax-sign[bench]"'
 
 
 def _lr_override(text: str):
@@ -36,6 +44,7 @@ def _lr_override(text: str):
 
 
 def parser() -> argparse.ArgumentParser:
+  from optax_sign.bench import tasks as task_lib  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(
       prog="optax-sign-bench",
       description="Compare optax_sign optimizers with optax baselines on real "
@@ -99,8 +108,23 @@ def list_optimizers() -> str:
   return "\n".join(lines)
 
 
-def _fail(message: str):
+def _fail(message: str) -> NoReturn:
   raise SystemExit(f"optax-sign-bench: error: {message}")
+
+
+def missing_extras() -> list[str]:
+  """The packages of :data:`EXTRA_MODULES` that cannot be imported."""
+  return [package for module, package in EXTRA_MODULES.items()
+          if importlib.util.find_spec(module) is None]
+
+
+def require_extras() -> None:
+  """Exits with an install hint when a package of the ``bench`` extra is
+  missing (checked before any work: plots are drawn after the training)."""
+  missing = missing_extras()
+  if missing:
+    _fail(f"missing packages of the bench extra: {', '.join(missing)}; "
+          f"install them with: {INSTALL_HINT}")
 
 
 def _select(args, multi: bool):
@@ -126,15 +150,16 @@ def _select(args, multi: bool):
       _fail(f"--lr {name}: {entry.name!r} is not among the optimizers run "
             "at one learning rate (select it with --optimizers; --grid "
             "tunes its own)")
-  for e in plain + tuned:
-    if e.multi_worker != multi:
-      _fail(f"optimizer {e.name!r} is "
-            + ("multi-worker: pass --workers N with N >= 2" if e.multi_worker
+  for entry in plain + tuned:
+    if entry.multi_worker != multi:
+      _fail(f"optimizer {entry.name!r} is "
+            + ("multi-worker: pass --workers N with N >= 2"
+               if entry.multi_worker
                else "single-worker: with --workers > 1 use the multi-worker "
                "methods (see --list)"))
-  for e in tuned:
-    if not e.tunable:
-      _fail(f"--grid {e.name}: it is parameter-free (no learning rate)")
+  for entry in tuned:
+    if not entry.tunable:
+      _fail(f"--grid {entry.name}: it is parameter-free (no learning rate)")
   return plain, tuned, lrs
 
 
@@ -143,6 +168,7 @@ def run_task(args, name: str, plain, tuned, mesh, lrs: dict, out: str):
   from optax_sign.bench import distributed  # pylint: disable=g-import-not-at-top
   from optax_sign.bench import report  # pylint: disable=g-import-not-at-top
   from optax_sign.bench import runner  # pylint: disable=g-import-not-at-top
+  from optax_sign.bench import tasks as task_lib  # pylint: disable=g-import-not-at-top
 
   try:
     task = task_lib.make_task(name, args.data, args.batch_size, args.tiny,
@@ -194,6 +220,7 @@ def run_task(args, name: str, plain, tuned, mesh, lrs: dict, out: str):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of ``python -m optax_sign.bench`` and ``optax-sign-bench``."""
+  require_extras()
   args = parser().parse_args(argv)
   if args.list:
     print(list_optimizers())

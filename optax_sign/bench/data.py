@@ -113,7 +113,8 @@ def parse_libsvm(path: str, num_features: Optional[int] = None):
       label = float(fields[0])
     except ValueError:
       raise DataError(f"{where}: label {fields[0]!r} is not a number") from None
-    idx, val = [], []
+    idx: list[int] = []
+    val: list[float] = []
     for field in fields[1:]:
       key, sep, number = field.partition(":")
       if not sep:
@@ -157,9 +158,9 @@ def parse_libsvm(path: str, num_features: Optional[int] = None):
                     f"{num_features}")
   index = np.zeros((len(labels), widest), np.int32)
   value = np.zeros((len(labels), widest), np.float32)
-  for i, (r, v) in enumerate(zip(indices, values)):
-    index[i, :len(r)] = r
-    value[i, :len(v)] = v
+  for i, (row_index, row_value) in enumerate(zip(indices, values)):
+    index[i, :len(row_index)] = row_index
+    value[i, :len(row_value)] = row_value
   return SparseRows(index, value, num_features), y
 
 
@@ -228,16 +229,16 @@ def split_indices(n: int, holdout: float, seed: int = 0,
   else:
     labels = np.asarray(labels)
     groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-  train, heldout = [], []
+  train_parts, heldout_parts = [], []
   for group in groups:
     group = rng.permutation(group)
     k = int(round(holdout * group.size))
     if group.size >= 2:
       k = min(max(k, 1), group.size - 1)
-    heldout.append(group[:k])
-    train.append(group[k:])
-  train = rng.permutation(np.concatenate(train)).astype(np.int64)
-  heldout = rng.permutation(np.concatenate(heldout)).astype(np.int64)
+    heldout_parts.append(group[:k])
+    train_parts.append(group[k:])
+  train = rng.permutation(np.concatenate(train_parts)).astype(np.int64)
+  heldout = rng.permutation(np.concatenate(heldout_parts)).astype(np.int64)
   if train.size == 0 or heldout.size == 0:
     raise DataError(f"cannot hold out {holdout:g} of {n} rows: need at least "
                     "one row on each side")
@@ -246,8 +247,8 @@ def split_indices(n: int, holdout: float, seed: int = 0,
 
 # -------------------------------------------------------------------- idx ---
 
-_IDX_DTYPES = {
-    0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"),
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
     0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
 }
 

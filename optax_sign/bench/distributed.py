@@ -32,7 +32,7 @@ AXIS = opt_lib.AXIS
 def request_devices(n: int) -> None:
   """Asks JAX for ``n`` CPU devices (only possible before JAX starts)."""
   try:
-    if jax.config.jax_num_cpu_devices < n:
+    if jax.config.jax_num_cpu_devices < n:  # type: ignore[attr-defined]
       jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:
     pass  # the backend is already up; make_mesh reports what is missing
@@ -57,7 +57,10 @@ def step_bytes(compiled: jax.stages.Compiled) -> float:
   text of the step already compiled (a second compilation would double the
   set-up time of every multi-worker run).
   """
-  report = optax_sign._wire.parse_collectives(compiled.as_text())  # pylint: disable=protected-access
+  text = compiled.as_text()
+  if text is None:
+    raise ValueError("the compiled step has no HLO text to count bytes in")
+  report = optax_sign._wire.parse_collectives(text)  # pylint: disable=protected-access
   return float(report.total_bytes)
 
 

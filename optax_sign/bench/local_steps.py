@@ -29,7 +29,7 @@ import functools
 import itertools
 import os
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +99,13 @@ def build(config: Config, schedule: optax.Schedule, tau: int,
                    f"{', '.join(METHODS)}")
 
 
+def _jit_eval(task: task_lib.Task):
+  """``jax.jit(task.eval_metrics)`` (the charlm tasks hold out windows)."""
+  if task.eval_metrics is None:
+    raise ValueError(f"task {task.name!r} has no held-out evaluation")
+  return jax.jit(task.eval_metrics)
+
+
 def train(config: Config, task: task_lib.Task, *, steps: int, workers: int, tau: int, lr: float,
           eval_every: int, seed: int = 0, progress: bool = True,
           evaluate=None) -> dict:
@@ -146,14 +153,14 @@ def train(config: Config, task: task_lib.Task, *, steps: int, workers: int, tau:
   if not sync:
     stack = lambda x: jnp.broadcast_to(x, (workers,) + jnp.shape(x))
     params, state = jax.tree.map(stack, (params, state))
-  evaluate = evaluate or jax.jit(task.eval_metrics)
+  evaluate = evaluate or _jit_eval(task)
 
   def val_loss(params, state):
     model = params if sync else jax.tree.map(
         lambda x: x[0], optax_sign.local_steps_anchor(state))
     return float(evaluate(model, task.heldout)["val_loss"])
 
-  record = {"method": config.method, "label": LABELS[config.method],
+  record: dict[str, Any] = {"method": config.method, "label": LABELS[config.method],
             "hparams": dict(config.hparams), "settings": config.settings,
             "seed": seed, "steps": [0], "allreduces": [0],
             "val_loss": [val_loss(params, state)]}
@@ -204,7 +211,7 @@ def summarize(runs: Sequence[dict]) -> list:
 
   Runs of a configuration share their evaluation points (same steps).
   """
-  groups = {}
+  groups: dict[tuple, list[dict]] = {}
   for r in runs:
     groups.setdefault((r["method"], r["settings"]), []).append(r)
   out = []
@@ -228,7 +235,7 @@ def table(runs: Sequence[dict], reference: Optional[float]) -> str:
   """Method, settings, final validation loss (mean +- std over seeds when
   there are several), % vs the best sync AdamW, all-reduces; ``runs`` are
   :func:`summarize` entries."""
-  best = {}
+  best: dict[str, dict] = {}
   for r in runs:
     if (r["method"] not in best
         or r["final_val_loss"] < best[r["method"]]["final_val_loss"]):
@@ -374,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   rounds = steps // tau
   eval_every = tau * (args.eval_every or max(1, rounds // 30))
   os.makedirs(args.out, exist_ok=True)
-  runs = []
+  runs: list[dict] = []
   for seed in args.seeds:
     task = task_lib.charlm(args.data, batch_size=batch, tiny=tiny, seed=seed,
                            val_windows=args.val_windows or (16 if tiny else 512))
@@ -384,7 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             f"workers x {batch} windows; tau={tau}; {steps} steps ({rounds} "
             f"rounds); inner AdamW lr {args.lr:g}; seeds {args.seeds}",
             flush=True)
-    evaluate = jax.jit(task.eval_metrics)
+    evaluate = _jit_eval(task)
     for config in configs(args):
       run = train(config, task, steps=steps, workers=workers, tau=tau,
                   lr=args.lr, eval_every=eval_every, seed=seed,

@@ -274,6 +274,8 @@ def build(entry: Entry, learning_rate: Optional[float], context: Context
   step; change it with :func:`set_learning_rate`.
   """
   if entry.tunable:
+    if learning_rate is None:
+      raise ValueError(f"optimizer {entry.name!r} needs a learning rate")
     tx = optax.inject_hyperparams(
         lambda learning_rate: entry.build(learning_rate, context))(
             learning_rate=float(learning_rate))

@@ -111,7 +111,7 @@ def _steps(width: int, data: int, model: int, kind):
 
 def _median_times(steps, repeats: int) -> Dict[str, float]:
   """Median seconds per step, methods interleaved, after a compile call."""
-  times = {name: [] for name in steps}
+  times: Dict[str, List[float]] = {name: [] for name in steps}
   for step, args in steps.values():
     jax.block_until_ready(step(*args))
   for _ in range(repeats):

@@ -348,5 +348,6 @@ def make_task(name: str, path: Optional[str] = None,
     raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
   if batch_size is None:
     batch_size = DEFAULT_BATCH[name][1 if tiny else 0]
-  builder = {"logreg": logreg, "mlp": mlp, "charlm": charlm}[name]
-  return builder(path=path, batch_size=batch_size, tiny=tiny, seed=seed)
+  builders: dict[str, Callable[..., Task]] = {
+      "logreg": logreg, "mlp": mlp, "charlm": charlm}
+  return builders[name](path=path, batch_size=batch_size, tiny=tiny, seed=seed)
