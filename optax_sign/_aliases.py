@@ -492,6 +492,7 @@ def alias_sign_sgd_released(
   _checks.check_positive("max_stepsize", max_stepsize)
   _checks.check_int("total_steps", total_steps, 1)
   _checks.check_interval("warmup_fraction", warmup_fraction, 0.0, 1.0)
+  warmup_steps: Any
   if _checks.static_int(total_steps) is not None and not isinstance(
       warmup_fraction, jax.Array):
     warmup_steps = int(warmup_fraction * total_steps)

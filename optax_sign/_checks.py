@@ -23,7 +23,7 @@ TIE_POLICIES = ("zero", "positive", "negative")
 INT32_MAX = 2**31 - 1
 # Extra arguments of ``update`` that some transformation of this package reads.
 EXTRA_ARGS = ("value", "prev_grads", "alive", "sync")
-_warned = set()
+_warned: set = set()
 
 
 def _number(name: str, value: Any) -> Optional[float]:

@@ -27,7 +27,7 @@ class LocalStepsState(NamedTuple):
   (device-invariant, spec ``P()``); ``inner_state`` is per worker (spec
   ``P(axis)`` on a stacked leading worker axis). Checkpoints hold all of it.
   """
-  count: jax.Array  # int32 scalar: local steps taken so far (replicated)
+  count: jax.Array  # type: ignore[assignment]  # int32: local steps so far
   anchor: optax.Params  # tree like params, float32 (float64 for float64
   #   params): the anchor x_{t,0}, the parameters to evaluate (replicated)
   inner_state: optax.OptState  # state of the inner optimizer (per worker)
@@ -338,7 +338,7 @@ def local_steps_vmap_state(
   inner = jax.tree.map(
       lambda x: jnp.broadcast_to(x, (num_workers,) + jnp.shape(x)),
       state.inner_state)
-  axes = LocalStepsState(count=None, anchor=None, inner_state=0,
+  axes = LocalStepsState(count=None, anchor=None, inner_state=0,  # type: ignore[arg-type]
                          outer_state=None)
   return state._replace(inner_state=inner), axes
 

@@ -2,7 +2,8 @@
 
 A Python driver (not a ``GradientTransformation``): it runs deterministic
 constant-stepsize Sign-SGD several times from the same start and bisects on
-:math:`\\log\\gamma` using the fixed-point test of ``spec/alias.md`` section 9.
+:math:`\\log\\gamma` with the fixed-point test of ``docs/algorithms/alias.md``
+(section "SOS: bisection over fixed stepsizes").
 """
 
 import math
@@ -152,8 +153,10 @@ def sos_search(run: RunFn,
     best probe by final loss and every probe.
 
   Example:
-    >>> run = sign_sgd_probe(loss_fn, params0)
-    >>> result = sos_search(run, num_steps=500)
+    >>> run = sign_sgd_probe(lambda p: loss_fn(p, batch), params)
+    >>> result = sos_search(run, num_steps=200, lo=1e-4, hi=10.0)
+    >>> result.bracket_valid, len(result.probes)  # 2 bracket checks + 5 probes
+    (True, 7)
     >>> tx = optax_sign.sign_sgd(result.stepsize)
 
   References:

@@ -59,7 +59,7 @@ def _global_reduce(terms: Sequence[tuple], worker_axes: tuple = ()) -> list:
                  for kind, x, y in zip(kinds, a, b))
 
   zeros = tuple(jnp.zeros([], _F32) for _ in kinds)
-  by_shard = {}
+  by_shard: dict = {}
   for ops in zip(*(jax.tree.leaves(tree) for _, tree in terms)):
     ops = tuple(x.astype(_F32) for x in ops)
     shard = tuple(a for a in _communication.varying_axes(ops[0])
@@ -194,7 +194,7 @@ class AliasState(NamedTuple):
   ``optax.tree.get(state, "stepsize")``. Tree fields that a configuration does
   not need are empty tuples.
   """
-  count: jax.Array  # int32 scalar: updates so far (t)
+  count: jax.Array  # type: ignore[assignment]  # int32: updates so far (t)
   stepsize: jax.Array  # float32 scalar: gamma of the last update
   smoothness: jax.Array  # float32 scalar: eta, the sum of smoothness samples
   distance: jax.Array  # float32 scalar: D (d for "gap", f(x0)-f_lower else)
@@ -610,7 +610,7 @@ def alias_previous_params(params: optax.Params,
   x, treedef = jax.tree.flatten(params)
   gamma = jax.tree.leaves(s.stepsize)[0]
   if not _absent(s.window):
-    return treedef.unflatten([(xi - w).astype(xi.dtype) for xi, w in
+    return jax.tree.unflatten(treedef, [(xi - w).astype(xi.dtype) for xi, w in
                               zip(x, jax.tree.leaves(s.window))])
   if not _absent(s.sign_bits):  # x_t - u_{t-1}, u_{t-1} as in the update.
     nonzero = (() if _absent(s.nonzero_bits)
@@ -618,10 +618,10 @@ def alias_previous_params(params: optax.Params,
     signs = _unpack_signs(jax.tree.leaves(s.sign_bits), nonzero, x)
     shrink = 1.0 - gamma * weight_decay
     shrink = jnp.where(shrink > 0, shrink, 1.0)
-    return treedef.unflatten([
+    return jax.tree.unflatten(treedef, [
         (xi.astype(_F32) + gamma * (d + weight_decay * xi.astype(_F32))
          / shrink).astype(xi.dtype) for xi, d in zip(x, signs)])
-  return treedef.unflatten([
+  return jax.tree.unflatten(treedef, [
       (xi.astype(_F32) + gamma * _sign.tie_sign(g.astype(_F32), tie)).astype(
           xi.dtype) for xi, g in zip(x, jax.tree.leaves(s.grad_snapshot))])
 
@@ -632,7 +632,7 @@ def alias_previous_params(params: optax.Params,
 
 class AliasMomentumState(NamedTuple):
   """State of :func:`scale_by_alias_momentum` (``distance`` is the one to log)."""
-  count: jax.Array  # int32 scalar
+  count: jax.Array  # type: ignore[assignment]  # int32 scalar
   distance: Any  # float32 scalar d (a tree of per-leaf scalars if per_tensor)
   running: Any  # float32 scalar r (likewise)
   mu: optax.Updates  # tree like params, state_dtype: first moment m

@@ -71,12 +71,16 @@ def worker_value_and_grad(
     RNG streams (the module's keys folded with the worker index).
 
   Example:
+    >>> mesh = jax.make_mesh((4,), ("data",))
+    >>> batch = jax.device_put(batch, jax.NamedSharding(mesh, P("data")))
     >>> grads_fn = worker_value_and_grad(loss_fn, "data")
     >>> loss, grads = grads_fn(params, batch)   # loss: [N]; grads: [N, ...]
+    >>> loss.shape, jax.tree.map(jnp.shape, grads)
+    ((4,), {'b': (4, 2), 'w': (4, 3, 2)})
   """
   _sharding.check_axis_name(axis_name)
   single = isinstance(argnums, int)
-  argnums = (argnums,) if single else tuple(argnums)
+  argnums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
   def wrapped(*args):
     modules = {i: args[i] for i in argnums if _is_nnx_module(args[i])}

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import optax
 import pytest
 
 import optax_sign

@@ -196,6 +196,7 @@ def _np_released(steps, total, cap, eta0, gap, warmup_fraction, wd, shift):
   x = np.zeros(_D, f32)
   eta, lr = f32(eta0), f32(0)
   xs = [x]
+  g_snap = x_snap = None  # set at step 0 (0 % gap == 0), read from step gap on
   for s in range(steps):
     g = (a @ x - b).astype(f32)
     if s == 0:
@@ -248,7 +249,7 @@ def test_zero_gradients_and_eta0_zero_stay_finite(memory, distance):
   update = jax.jit(opt.update)
   for _ in range(5):
     u, state = update(zeros, state, params, value=jnp.float32(1.0))
-    assert all(np.all(np.asarray(l) == 0) for l in jax.tree.leaves(u))
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
   for leaf in jax.tree.leaves(state):
     assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
   assert float(state.smoothness) == 0.0
