@@ -39,26 +39,40 @@ def _tree(num_params: float) -> Dict[str, jax.Array]:
           for i, k in enumerate(keys)}
 
 
+def _local_steps(sync_every: int) -> optax.GradientTransformation:
+  return optax_sign.local_steps(
+      optax.adamw(1e-3), optax_sign.global_sign_momentum(), sync_every,
+      inner_learning_rate=1e-3)
+
+
 def _optimizers():
+  """Name -> (optimizer or None for the copy floor, extra update kwargs)."""
   return {
-      "copy floor": None,
-      "alias_sign_sgd (full)": optax_sign.alias_sign_sgd(),
-      "alias_sign_sgd (sign, tie=positive)": optax_sign.alias_sign_sgd(
-          memory="sign", tie="positive"),
-      "optax.lion": optax.lion(1e-4),
-      "optax.adam": optax.adam(1e-3),
-      "optax.contrib.prodigy": optax.contrib.prodigy(),
+      "copy floor": (None, {}),
+      "alias_sign_sgd (full)": (optax_sign.alias_sign_sgd(), {}),
+      "alias_sign_sgd (sign, tie=positive)": (optax_sign.alias_sign_sgd(
+          memory="sign", tie="positive"), {}),
+      "optax.lion": (optax.lion(1e-4), {}),
+      "optax.adam": (optax.adam(1e-3), {}),
+      "optax.adamw": (optax.adamw(1e-3), {}),
+      "optax.contrib.prodigy": (optax.contrib.prodigy(), {}),
+      # local_steps(adamw, global_sign_momentum): a non-sync and a sync step,
+      # with the counter's lax.cond and with sync= chosen on the host.
+      "local_steps non-sync (cond)": (_local_steps(2**30), {}),
+      "local_steps sync (cond)": (_local_steps(1), {}),
+      "local_steps non-sync (sync=False)": (_local_steps(12), {"sync": False}),
+      "local_steps sync (sync=True)": (_local_steps(12), {"sync": True}),
   }
 
 
-def _step_fn(opt):
+def _step_fn(opt, extra):
   """The jitted step ``(params, state, grads) -> (params, state)``."""
   if opt is None:
     return jax.jit(lambda p, s, g: (jax.tree.map(lambda x: x + 1.0, p), s),
                    donate_argnums=(0,))
 
   def step(p, s, g):
-    u, s = opt.update(g, s, p, value=jnp.float32(1.0))
+    u, s = opt.update(g, s, p, value=jnp.float32(1.0), **extra)
     return optax.apply_updates(p, u), s
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -77,7 +91,7 @@ def _compiled_stats(step, args, n):
 
 def main(argv=None) -> Dict[str, Dict[str, float]]:
   """Prints a table and returns, per optimizer, "ms" (median), "min_ms",
-  "vs_lion", "vs_copy", "bytes_per_param" (state), "accessed_per_param" and
+  "vs_lion", "vs_adamw", "vs_copy", "bytes_per_param" (state), "accessed_per_param" and
   "temp_per_param" (XLA's counts for the compiled step)."""
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--params", type=float, default=50e6)
@@ -87,8 +101,8 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
   n = sum(x.size for x in jax.tree.leaves(params))
   grads = jax.tree.map(lambda x: 1e-3 * x + 1e-4, params)
   runs, results = {}, {}
-  for name, opt in _optimizers().items():
-    step = _step_fn(opt)
+  for name, (opt, extra) in _optimizers().items():
+    step = _step_fn(opt, extra)
     state = () if opt is None else jax.tree.map(jnp.copy, opt.init(params))
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     carry = (jax.tree.map(jnp.copy, params), state)  # no shared buffers
@@ -112,15 +126,17 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     results[name]["min_ms"] = 1e3 * float(np.min(times))
   for r in results.values():
     r["vs_lion"] = r["ms"] / results["optax.lion"]["ms"]
+    r["vs_adamw"] = r["ms"] / results["optax.adamw"]["ms"]
     r["vs_copy"] = r["ms"] / results["copy floor"]["ms"]
   device = jax.devices()[0].device_kind
   print(f"update step, {n / 1e6:.1f}M float32 params, {device}, "
         f"median (min) of {args.repeats} round-robin repeats")
   print(f"{'optimizer':37s} {'ms':>8s} {'(min)':>8s} {'x lion':>7s} "
-        f"{'x copy':>7s} {'state B/p':>10s} {'XLA B/p':>8s} {'temp B/p':>9s}")
+        f"{'x adamw':>7s} {'x copy':>7s} {'state B/p':>10s} {'XLA B/p':>8s} "
+        f"{'temp B/p':>9s}")
   for name, r in results.items():
     print(f"{name:37s} {r['ms']:8.2f} {r['min_ms']:8.2f} {r['vs_lion']:7.2f} "
-          f"{r['vs_copy']:7.2f} {r['bytes_per_param']:10.3f} "
+          f"{r['vs_adamw']:7.2f} {r['vs_copy']:7.2f} {r['bytes_per_param']:10.3f} "
           f"{r['accessed_per_param']:8.2f} {r['temp_per_param']:9.2f}")
   return results
 
