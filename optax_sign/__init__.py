@@ -41,11 +41,17 @@ from optax_sign._sos import sign_sgd_probe
 from optax_sign._sos import SOSProbe
 from optax_sign._sos import SOSResult
 from optax_sign._sos import sos_search
+from optax_sign._alias_momentum import AliasMomentumState
+from optax_sign._alias_momentum import scale_by_alias_momentum
+from optax_sign._bits import SignBits
 from optax_sign._stepsize import alias_previous_params
-from optax_sign._stepsize import AliasMomentumState
 from optax_sign._stepsize import AliasState
+from optax_sign._stepsize import GapState
+from optax_sign._stepsize import GradientMemory
+from optax_sign._stepsize import LowerBoundState
+from optax_sign._stepsize import MomentumBuffer
 from optax_sign._stepsize import scale_by_alias
-from optax_sign._stepsize import scale_by_alias_momentum
+from optax_sign._stepsize import SignMemory
 from optax_sign._wire import Collective
 from optax_sign._wire import communication_bytes
 from optax_sign._wire import CommunicationReport
@@ -58,10 +64,16 @@ __all__ = (
     "Collective",
     "CommunicationReport",
     "ErrorFeedbackState",
+    "GapState",
+    "GradientMemory",
     "LocalStepsState",
+    "LowerBoundState",
+    "MomentumBuffer",
     "RandomizedSignState",
     "LionMomentumState",
     "SignAggregationState",
+    "SignBits",
+    "SignMemory",
     "TIE_POLICIES",
     "SOSProbe",
     "SOSResult",

@@ -368,6 +368,7 @@ def model_averaging(inner_learning_rate: optax.ScalarOrSchedule,
 
 def alias_sign_sgd(
     distance: str = "gap",
+    *,
     d0: float = 1e-6,
     f_lower: float = 0.0,
     initial_value: Optional[float] = None,
@@ -378,6 +379,7 @@ def alias_sign_sgd(
     warmup_steps: int = 0,
     warmup_stepsize: Optional[optax.ScalarOrSchedule] = None,
     weight_decay: float = 0.0,
+    mask: Optional[Any] = None,
     momentum: float = 0.0,
     nesterov: bool = False,
     memory: str = "full",
@@ -400,7 +402,7 @@ def alias_sign_sgd(
   The arguments are listed briefly below; :func:`optax_sign.scale_by_alias`
   documents them in full.
 
-  Args:
+  Args (all but ``distance`` keyword-only):
     distance: ``"gap"`` (Option I) or ``"lower_bound"`` (Option II).
     d0: Option I floor of the distance estimate, > 0.
     f_lower: Option II lower bound of the loss.
@@ -413,6 +415,7 @@ def alias_sign_sgd(
     warmup_stepsize: scalar or schedule used during the warmup.
     weight_decay: decoupled decay :math:`\lambda \ge 0`, scaled by
       :math:`\gamma_t`.
+    mask: tree or callable choosing the decayed leaves (``None``: all).
     momentum: :math:`0 \le \mu < 1`, momentum of the sign direction.
     nesterov: Nesterov form of the momentum.
     memory: ``"full"`` or ``"sign"`` (keeps only the packed direction).
@@ -438,7 +441,7 @@ def alias_sign_sgd(
       distance=distance, d0=d0, f_lower=f_lower, initial_value=initial_value,
       eta0=eta0, initial_stepsize=initial_stepsize, max_stepsize=max_stepsize,
       update_gap=update_gap, warmup_steps=warmup_steps,
-      warmup_stepsize=warmup_stepsize, weight_decay=weight_decay,
+      warmup_stepsize=warmup_stepsize, weight_decay=weight_decay, mask=mask,
       momentum=momentum, nesterov=nesterov, memory=memory, tie=tie,
       state_dtype=state_dtype, axis_name=axis_name))
 

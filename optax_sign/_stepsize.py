@@ -1,156 +1,100 @@
-"""ALIAS: parameter-free stepsizes for Sign-SGD (and its momentum variant).
+"""ALIAS: the parameter-free stepsize of Sign-SGD, from three parts.
 
 ALIAS sets the Sign-SGD stepsize online as :math:`\\gamma_t = \\sqrt{D_t/\\eta_t}`,
 where :math:`\\eta_t` sums local :math:`L_\\infty`-smoothness samples built from
 gradient and iterate differences and :math:`D_t` estimates the initial
-suboptimality. Norms and inner products are global over the pytree the
-transformation sees and are accumulated in float32. The specification is
-``spec/alias.md`` (section 4 is the algorithm implemented here).
+suboptimality (``docs/algorithms/alias.md``). :func:`scale_by_alias` combines
+
+* a **direction**: the tie-broken sign of the gradient or of a momentum
+  buffer, or the workers' majority vote, plus decoupled weight decay;
+* a **memory** of the previous step: the gradient snapshot (with a window of
+  iterate differences when the step cannot be rebuilt from it), or only the
+  packed applied direction (``memory="sign"``);
+* an **estimator**: Option I (the gap :math:`d_t`) or Option II (the lower
+  bound :math:`f(x_0) - \\tilde f`), with warmup, cap and hold between samples.
+
+Every statistic of a step comes from one fused float32 reduction over the
+leaves (:func:`optax_sign._reduce.global_reduce`) and, across workers, one
+``pmean`` of five scalars.
 """
 
+import dataclasses
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from optax_sign import _bits
 from optax_sign import _checks
 from optax_sign import _communication
+from optax_sign import _reduce
 from optax_sign import _sign
 
 AxisName = Union[str, Sequence[str], None]
 DISTANCES = ("gap", "lower_bound")
 MEMORIES = ("full", "sign")
 _F32 = jnp.float32
+_TIE_CODES = {"zero": 0, "positive": 1, "negative": -1}
 
 
 # ----------------------------------------------------------------------------
-# Global reductions (float32) and packed sign storage.
+# State.
 
 
-def _global_reduce(terms: Sequence[tuple], worker_axes: tuple = ()) -> list:
-  """Global float32 reductions of several trees in one pass over the leaves.
+class GapState(NamedTuple):
+  """Option I's accumulator."""
+  d_tilde: jax.Array  # float32: sum of -<g_t, x_t - x_{t-k}>
 
-  Each term is ``("sum", tree)`` or ``("max", tree)`` (the max of nonnegative
-  values, 0 for an empty tree); all trees share one structure. Per leaf the
-  terms go through a single variadic ``lax.reduce``: XLA fuses the
-  elementwise producers into it, so every input leaf is read once and no
-  parameter-sized intermediate is materialised (a single-operand sum on CPU
-  may instead become a library call whose inputs are materialised).
 
-  Under a fully manual ``shard_map`` a leaf that varies over mesh axes other
-  than ``worker_axes`` (a tensor-parallel shard) is one piece of a larger
-  leaf: the totals of such leaves are combined over those axes (one ``psum``
-  of the sums and one ``pmax`` of the maxima per set of axes), so replicated
-  leaves count once and sharded leaves cover every shard.
+class LowerBoundState(NamedTuple):
+  """Option II's distance."""
+  f_diff: jax.Array  # float32: max(f(x_0) - f_lower, 0)
 
-  Args:
-    terms: a sequence of ``(kind, tree)`` pairs.
-    worker_axes: the workers' axes, whose statistics stay per worker.
 
-  Returns:
-    One float32 scalar per term.
+class GradientMemory(NamedTuple):
+  """``memory="full"``: the gradient at the last snapshot."""
+  grad: Any  # tree like params, state_dtype: g_{t-k}
+  window: Any  # float32 tree x_t - x_{t-k} (needed with k > 1, decay or
+  #   momentum), else optax.EmptyState()
+  signs: Any  # SignBits of the voted direction (axis_name), else EmptyState
+  tie: jax.Array  # int8: the tie policy's value of sign(0) (0, +1 or -1)
+
+
+class SignMemory(NamedTuple):
+  """``memory="sign"``: only the applied direction, packed."""
+  signs: _bits.SignBits  # s_{t-1}, 1 bit (2 with tie="zero") per coordinate
+  last_inner: jax.Array  # float32: A = -<g_{t-1}, u_{t-1}>
+  decay: Any  # per-leaf float32 decay rates (with decay), else EmptyState
+
+
+class MomentumBuffer(NamedTuple):
+  """The direction's momentum buffer ``m_t = mu m_{t-1} + g_t``."""
+  momentum: Any  # tree like params, state_dtype
+
+
+class AliasState(NamedTuple):
+  """State of :func:`scale_by_alias`.
+
+  ``stepsize``, ``smoothness`` and ``distance`` are the fields to log, e.g.
+  ``optax.tree.get(state, "stepsize")``.
   """
-  kinds = tuple(kind for kind, _ in terms)
-
-  def combine(a, b):
-    return tuple(x + y if kind == "sum" else jnp.maximum(x, y)
-                 for kind, x, y in zip(kinds, a, b))
-
-  zeros = tuple(jnp.zeros([], _F32) for _ in kinds)
-  by_shard: dict = {}
-  for ops in zip(*(jax.tree.leaves(tree) for _, tree in terms)):
-    ops = tuple(x.astype(_F32) for x in ops)
-    shard = tuple(a for a in _communication.varying_axes(ops[0])
-                  if a not in worker_axes)
-    by_shard[shard] = combine(by_shard.get(shard, zeros), jax.lax.reduce(
-        ops, tuple(np.float32(0) for _ in ops), combine,
-        tuple(range(ops[0].ndim))))
-  totals = zeros
-  for shard, part in by_shard.items():
-    if shard:
-      part = _combine_shards(kinds, part, shard)
-    totals = combine(totals, part)
-  return list(totals)
-
-
-def _combine_shards(kinds: tuple, part: tuple, axes: tuple) -> tuple:
-  """Sums (``psum``) and maxima (``pmax``) of ``part`` over ``axes``."""
-  out = list(part)
-  for kind, reduce in (("sum", jax.lax.psum), ("max", jax.lax.pmax)):
-    idx = [i for i, k in enumerate(kinds) if k == kind]
-    if idx:
-      combined = reduce(jnp.stack([part[i] for i in idx]), axes)
-      for i, value in zip(idx, jnp.unstack(combined)):
-        out[i] = value
-  return tuple(out)
-
-
-def _bit_layout(shape: Sequence[int]) -> tuple:
-  """Shapes used to pack an array of ``shape`` 8 bits per byte.
-
-  Runs of 8 consecutive elements of the last axis share a byte (bit ``k``
-  holds element ``8 j + k``), so packing and unpacking keep the array's
-  layout and fuse into elementwise passes. Without a last axis whose length
-  is a multiple of 8 the array is flattened and padded first.
-
-  Returns:
-    ``(bits_shape, padded)``: the shape of the packed uint8 array and whether
-    the array is flattened and padded.
-  """
-  shape = tuple(shape)
-  if shape and shape[-1] % 8 == 0:
-    return shape[:-1] + (shape[-1] // 8,), False
-  return (-(-int(np.prod(shape, dtype=np.int64)) // 8),), True
-
-
-def _pack(mask: jax.Array) -> jax.Array:
-  """Packs a boolean array 8 per byte (uint8, see :func:`_bit_layout`)."""
-  bits_shape, padded = _bit_layout(mask.shape)
-  if padded:
-    mask = jnp.pad(mask.reshape(-1), (0, 8 * bits_shape[0] - mask.size))
-  mask = mask.reshape(bits_shape + (8,)).astype(jnp.uint8)
-  # A reduction, which XLA does not fuse into its consumers: the update then
-  # reads the packed bits, not the gradient again.
-  return jnp.sum(mask << np.arange(8, dtype=np.uint8), axis=-1,
-                 dtype=jnp.uint8)
-
-
-def _unpack(bits: jax.Array, like: jax.Array) -> jax.Array:
-  """The boolean array of ``like``'s shape packed by :func:`_pack`."""
-  _, padded = _bit_layout(like.shape)
-  mask = (bits[..., None] >> np.arange(8, dtype=np.uint8)) & np.uint8(1)
-  if padded:
-    return mask.reshape(-1)[:like.size].reshape(like.shape) != 0
-  return mask.reshape(like.shape) != 0
-
-
-def _zero_bits(x: Any) -> jax.Array:
-  return jnp.zeros(_bit_layout(x.shape)[0], jnp.uint8)
-
-
-def _pack_signs(signs: Any, tie: str) -> tuple:
-  """Packs a tree of signs: (positive plane, nonzero plane or ())."""
-  positive = jax.tree.map(lambda s: _pack(s > 0), signs)
-  if tie != "zero":
-    return positive, ()
-  return positive, jax.tree.map(lambda s: _pack(s != 0), signs)
-
-
-def _unpack_signs(positive: Any, nonzero: Any, like: Any) -> Any:
-  """The float32 tree of signs stored by :func:`_pack_signs`."""
-  def one(p, x, nz=None):
-    s = jnp.where(_unpack(p, x), 1.0, -1.0).astype(_F32)
-    return s if nz is None else jnp.where(_unpack(nz, x), s, 0.0)
-  if _absent(nonzero):
-    return jax.tree.map(one, positive, like)
-  return jax.tree.map(lambda p, x, nz: one(p, x, nz), positive, like, nonzero)
+  count: jax.Array  # type: ignore[assignment]  # int32: updates so far (t)
+  stepsize: jax.Array  # float32: gamma of the last update
+  smoothness: jax.Array  # float32: eta, the sum of smoothness samples
+  distance: jax.Array  # float32: D (d for "gap", f(x0) - f_lower else)
+  last_update_norm: jax.Array  # float32: U = ||u_{t-1}||_inf
+  estimator: Union[GapState, LowerBoundState]
+  memory: Union[GradientMemory, SignMemory]
+  direction: Union[MomentumBuffer, optax.EmptyState]
 
 
 def _absent(tree: Any) -> bool:
-  """True for the empty tuple that stands for a field a configuration lacks."""
-  return isinstance(tree, tuple) and not tree
+  return isinstance(tree, optax.EmptyState)
+
+
+def _pmean(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
 def _concrete_int(value: Any) -> Optional[int]:
@@ -168,54 +112,354 @@ def _scalar_loss(value: Any) -> jax.Array:
   return jnp.asarray(value, _F32)
 
 
-def _check_warmup(warmup_steps: Any, warmup_stepsize: Any) -> None:
-  """A warmup needs its stepsize (scalar or schedule)."""
-  if warmup_stepsize is None:
-    if _concrete_int(warmup_steps) not in (0, None):
-      raise ValueError(
-          "warmup_stepsize (a scalar or a schedule) is required when "
-          f"warmup_steps > 0, got warmup_steps={warmup_steps}")
-  else:
-    _checks.check_nonnegative_or_schedule("warmup_stepsize", warmup_stepsize)
-
-
-def _pmean(x: jax.Array, axis_name: AxisName) -> jax.Array:
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+def _tie_sign_coded(x: jax.Array, code: jax.Array) -> jax.Array:
+  """``tie_sign`` with the tie policy given as its value of sign(0)."""
+  return jnp.where(x == 0, code.astype(x.dtype), jnp.sign(x))
 
 
 # ----------------------------------------------------------------------------
-# ALIAS Sign-SGD.
+# The three parts and their combination.
 
 
-class AliasState(NamedTuple):
-  """State of :func:`scale_by_alias`.
+@dataclasses.dataclass(frozen=True)
+class _Alias:
+  """One ALIAS configuration: static flags plus the (maybe traced) numbers.
 
-  ``stepsize``, ``smoothness`` and ``distance`` are the fields to log, e.g.
-  ``optax.tree.get(state, "stepsize")``. Tree fields that a configuration does
-  not need are empty tuples.
+  Which buffers exist and which statistics are reduced follow Python values
+  only; an array hyperparameter (``optax.inject_hyperparams``) takes the
+  general path.
   """
-  count: jax.Array  # type: ignore[assignment]  # int32: updates so far (t)
-  stepsize: jax.Array  # float32 scalar: gamma of the last update
-  smoothness: jax.Array  # float32 scalar: eta, the sum of smoothness samples
-  distance: jax.Array  # float32 scalar: D (d for "gap", f(x0)-f_lower else)
-  d_tilde: jax.Array  # float32 scalar: sum of -<g_t, x_t - x_{t-k}> ("gap")
-  f_diff: jax.Array  # float32 scalar: max(f(x0) - f_lower, 0)
-  last_update_norm: jax.Array  # float32 scalar: U = ||u_{t-1}||_inf
-  last_inner: jax.Array  # float32 scalar: A = -<g_{t-1}, u_{t-1}> ("sign")
-  grad_snapshot: Any  # tree like params, state_dtype: g at the last
-  #   snapshot (memory="full"), else ()
-  window: Any  # tree like params, float32: x_t - x_snapshot (only when
-  #   update_gap > 1, weight_decay > 0 or momentum > 0 with memory="full")
-  momentum: Any  # tree like params, state_dtype: momentum buffer, or ()
-  sign_bits: Any  # tree of uint8 (shape[:-1] + (shape[-1] // 8,), or
-  #   (ceil(size/8),) if the last axis is not a multiple of 8): s_{t-1} > 0,
-  #   8 consecutive elements per byte (memory="sign"), else ()
-  nonzero_bits: Any  # tree of uint8: s_{t-1} != 0 (memory="sign" and
-  #   tie="zero"), else ()
+  option2: bool
+  memory: str
+  tie: str
+  axis_name: AxisName
+  update_gap: Any
+  d0: Any
+  f_lower: Any
+  initial_value: Any
+  eta0: Any
+  initial_stepsize: Any
+  max_stepsize: Any
+  warmup_steps: Any
+  warmup_stepsize: Any
+  weight_decay: Any
+  mask: Any
+  momentum: Any
+  nesterov: bool
+  state_dtype: Any
+
+  @property
+  def full(self) -> bool:
+    return self.memory == "full"
+
+  @property
+  def gap_one(self) -> bool:
+    return not self.full or _checks.static_int(self.update_gap) == 1
+
+  @property
+  def has_decay(self) -> bool:
+    return not _checks.is_static_zero(self.weight_decay)
+
+  @property
+  def has_momentum(self) -> bool:
+    return not _checks.is_static_zero(self.momentum)
+
+  @property
+  def has_window(self) -> bool:
+    return self.full and (not self.gap_one or self.has_decay
+                          or self.has_momentum)
+
+  @property
+  def keep_bits(self) -> bool:
+    """The applied direction is kept as bits (a vote is no local sign)."""
+    return not self.full or self.axis_name is not None
+
+  @property
+  def plain_sign(self) -> bool:
+    """The direction is tsign(g_t): ||u_t||_inf follows from ||g_t||_1."""
+    return (self.axis_name is None and not self.has_momentum
+            and not self.has_decay)
+
+  # -- direction --------------------------------------------------------------
+
+  def decayed(self, params: Any) -> Any:
+    """A tree of Python bools: the leaves that decay (``mask``, or all)."""
+    if not self.has_decay:
+      return jax.tree.map(lambda _: False, params)
+    mask = self.mask(params) if callable(self.mask) else self.mask
+    if mask is None:
+      return jax.tree.map(lambda _: True, params)
+    return jax.tree.map(lambda m, _: bool(m), mask, params)
+
+  def add_decay(self, signs: Any, x32: Any, params: Any) -> Any:
+    """``s + lambda x`` on the decayed leaves, ``s`` elsewhere."""
+    wd = self.weight_decay
+    return jax.tree.map(lambda s, x, d: s + wd * x if d else s, signs, x32,
+                        self.decayed(params))
+
+  def direction(self, grads, params, buffer, t, signs=None) -> tuple:
+    """(g32, x32, new buffer, signs s_t, direction s_t + lambda x_t)."""
+    g32 = optax.tree.cast(grads, _F32)
+    x32 = optax.tree.cast(params, _F32) if self.has_decay else None
+    source, new_buffer = g32, buffer
+    if self.has_momentum:
+      mu = self.momentum
+      new_buffer = jax.tree.map(
+          lambda g, m: jnp.where(t == 0, g, mu * m.astype(_F32) + g),
+          g32, buffer)
+      source = new_buffer
+      if self.nesterov:
+        source = jax.tree.map(lambda g, m: g + mu * m, g32, new_buffer)
+    if signs is None and self.axis_name is None:
+      signs = jax.tree.map(lambda v: _sign.tie_sign(v, self.tie), source)
+    elif signs is None:
+      signs = optax.tree.cast(_communication.vote_signs(
+          source, self.axis_name, tie=self.tie), _F32)
+    direction = signs
+    if self.has_decay:
+      direction = self.add_decay(signs, x32, params)
+    return g32, x32, new_buffer, signs, direction
+
+  # -- memory -----------------------------------------------------------------
+
+  def init_memory(self, params: Any) -> Union[GradientMemory, SignMemory]:
+    signs = (_bits.zero_signs(params, self.tie) if self.keep_bits
+             else optax.EmptyState())
+    if not self.full:
+      decay = (jax.tree.map(
+          lambda d: jnp.asarray(self.weight_decay if d else 0.0, _F32),
+          self.decayed(params)) if self.has_decay else optax.EmptyState())
+      return SignMemory(signs=signs, last_inner=jnp.zeros([], _F32),
+                        decay=decay)
+    return GradientMemory(
+        grad=optax.tree.zeros_like(params, dtype=self.state_dtype),
+        window=(optax.tree.zeros_like(params, dtype=_F32)
+                if self.has_window else optax.EmptyState()),
+        signs=(signs if not self.has_window else optax.EmptyState()),
+        tie=jnp.asarray(_TIE_CODES[self.tie], jnp.int8))
+
+  def previous_step(self, memory, gamma_prev, x32, like) -> tuple:
+    """(s_{t-1}, Delta_t = x_t - x_{t-k}) from the memory."""
+    if self.has_window:
+      return None, memory.window
+    if self.keep_bits:
+      s_prev = _bits.unpack_signs(memory.signs, like)
+    else:
+      s_prev = jax.tree.map(lambda g: _sign.tie_sign(g.astype(_F32), self.tie),
+                            memory.grad)
+    if not self.has_decay:
+      return s_prev, jax.tree.map(lambda s: -gamma_prev * s, s_prev)
+    # Sign memory with decay: rebuild u_{t-1} from x_t.
+    wd = self.weight_decay
+    shrink = _shrink(gamma_prev, wd)
+    return s_prev, jax.tree.map(
+        lambda s, x, d: -gamma_prev * (s + wd * x) / shrink if d
+        else -gamma_prev * s, s_prev, x32, self.decayed(like))
+
+  def remember(self, memory, updates, bits, u32, t, inner) -> Any:
+    """The memory after the step (snapshot, window, bits, secant inner)."""
+    if not self.full:
+      return memory._replace(signs=bits, last_inner=inner.astype(_F32))
+    snap = t % self.update_gap == 0
+    if self.gap_one:
+      grad = _sign.cast_like(updates, memory.grad)
+    else:
+      grad = jax.tree.map(
+          lambda g, old: jnp.where(snap, g.astype(old.dtype), old),
+          updates, memory.grad)
+    window = memory.window
+    if self.has_window:
+      window = jax.tree.map(lambda w, u: jnp.where(snap, 0.0, w) + u,
+                            memory.window, u32)
+      bits = optax.EmptyState()
+    return memory._replace(grad=grad, window=window, signs=bits)
+
+  # -- statistics -------------------------------------------------------------
+
+  def statistics(self, g32, x32, signs, direction, delta, ref, secant,
+                 like) -> dict:
+    """The step's sums and maxima, from one fused reduction (per worker)."""
+    mult = lambda a, b: jax.tree.map(jnp.multiply, a, b)
+    terms = {}
+    if secant or not self.option2:
+      terms["g_delta"] = ("sum", mult(g32, delta))
+    if ref is not None:
+      terms["num"] = ("sum", jax.tree.map(
+          lambda g, p: jnp.abs(g - p.astype(_F32)), g32, ref))
+    if secant or self.plain_sign:
+      terms["g_s"] = ("sum", mult(g32, signs))
+    if not self.plain_sign:
+      terms["u_inf"] = ("max", jax.tree.map(jnp.abs, direction))
+    if secant and self.has_decay:
+      terms["g_x"] = ("sum", jax.tree.map(
+          lambda g, x, d: g * x if d else jnp.zeros_like(g), g32, x32,
+          self.decayed(like)))
+    if not self.gap_one:
+      terms["den"] = ("max", jax.tree.map(jnp.abs, delta))
+    stats = dict(zip(terms, _reduce.global_reduce(
+        list(terms.values()), _communication.axis_names(self.axis_name))))
+    if self.axis_name is not None:
+      # The maxima read only voted (shared) values, but the fused reduction
+      # types them as per worker; one exact scalar pmax makes them shared.
+      maxima = [m for m in ("u_inf", "den") if m in stats]
+      shared = jax.lax.pmax(jnp.stack([stats[m] for m in maxima]),
+                            self.axis_name)
+      stats.update(zip(maxima, jnp.unstack(shared)))
+    if self.plain_sign:  # ||s_t||_inf from <g_t, tsign(g_t)> = ||g_t||_1.
+      num_params = sum(x.size for x in jax.tree.leaves(g32))
+      moved = stats["g_s"] > 0 if self.tie == "zero" else num_params > 0
+      stats["u_inf"] = jnp.where(jnp.isnan(stats["g_s"]), jnp.nan,
+                                 jnp.where(moved, 1.0, 0.0))
+    return stats
+
+  # -- estimator --------------------------------------------------------------
+
+  def estimate(self, state, stats, shared, t, secant) -> tuple:
+    """(gamma_t, eta_t, D_t, estimator state) from the step's statistics."""
+    g_delta, num, f0 = shared["g_delta"], shared["num"], shared["f0"]
+    den = state.last_update_norm if self.gap_one else stats["den"]
+    if not secant:
+      l_hat = num / jnp.where(den > 0, den, 1.0)
+    else:
+      l_hat = jnp.maximum((state.memory.last_inner + g_delta)
+                          / jnp.where(den > 0, den * den, 1.0), 0.)
+    sample = (t > self.warmup_steps) & (t % self.update_gap == 0)
+    ok = sample & (den > 0) & jnp.isfinite(l_hat)
+    eta = state.smoothness + jnp.where(ok, l_hat, 0.0)
+    estimator: Union[GapState, LowerBoundState]
+    if self.option2:
+      f_diff = jnp.where(t == 0, jnp.maximum(f0 - self.f_lower, 0.0),
+                         state.estimator.f_diff)
+      estimator = LowerBoundState(f_diff=f_diff.astype(_F32))
+      dist = f_diff
+    else:
+      d_tilde = state.estimator.d_tilde + jnp.where(sample, -g_delta, 0.0)
+      estimator = GapState(d_tilde=d_tilde.astype(_F32))
+      dist = jnp.maximum(state.distance, d_tilde)
+    gamma = jnp.where(eta > 0, jnp.sqrt(dist / jnp.where(eta > 0, eta, 1.0)),
+                      jnp.asarray(self.initial_stepsize, _F32))
+    if self.max_stepsize is not None:
+      gamma = jnp.minimum(gamma, self.max_stepsize)
+    recompute = (t == self.warmup_steps) | sample
+    gamma = jnp.where(recompute, gamma, state.stepsize)
+    dist = jnp.where(recompute, dist, state.distance)
+    if self.warmup_stepsize is not None:
+      warm = (self.warmup_stepsize(t) if callable(self.warmup_stepsize)
+              else self.warmup_stepsize)
+      gamma = jnp.where(t < self.warmup_steps, jnp.asarray(warm, _F32), gamma)
+    return gamma.astype(_F32), eta, dist, estimator
+
+  # -- the update -------------------------------------------------------------
+
+  def apply(self, gamma, signs, direction, u_inf, updates, x32, params):
+    """(updates u_t, float32 u_t, bits of s_t or EmptyState)."""
+    bits = optax.EmptyState()
+    if self.keep_bits:
+      # The update reads the new bits instead of the gradient; a NaN
+      # direction then makes the whole update NaN (it is never hidden).
+      bits = _bits.pack_signs(signs, self.tie)
+      applied = _bits.unpack_signs(bits, updates)
+      if self.has_decay:
+        applied = self.add_decay(applied, x32, params)
+      scale = jnp.where(jnp.isnan(u_inf), jnp.nan, gamma)
+    else:
+      applied, scale = direction, gamma
+    u32 = jax.tree.map(lambda s: -scale * s, applied)
+    new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), u32, updates)
+    return new_updates, u32, bits
+
+  def f0(self, extra_args) -> jax.Array:
+    """Option II's f(x_0) (only the first call's value is used)."""
+    if not self.option2:
+      return jnp.zeros([], _F32)
+    if self.initial_value is not None:
+      return jnp.asarray(self.initial_value, _F32)
+    if extra_args.get("value") is None:
+      raise ValueError(
+          "scale_by_alias(distance='lower_bound') needs the loss: pass "
+          "value=loss to update (only the first call's value is used) or "
+          "set initial_value= at construction")
+    return _scalar_loss(extra_args["value"])
+
+  def init(self, params) -> AliasState:
+    zero = jnp.zeros([], _F32)
+    return AliasState(
+        count=jnp.zeros([], jnp.int32),
+        stepsize=zero,
+        smoothness=jnp.asarray(self.eta0, _F32),
+        distance=zero if self.option2 else jnp.asarray(self.d0, _F32),
+        last_update_norm=zero,
+        estimator=(LowerBoundState(f_diff=zero) if self.option2
+                   else GapState(d_tilde=zero)),
+        memory=self.init_memory(params),
+        direction=(MomentumBuffer(optax.tree.zeros_like(
+            params, dtype=self.state_dtype)) if self.has_momentum
+                   else optax.EmptyState()))
+
+  def update(self, updates, state, params, extra_args) -> tuple:
+    if self.has_decay and params is None:
+      raise ValueError("scale_by_alias with weight_decay > 0 needs params: "
+                       "call update(grads, state, params)")
+    _checks.warn_misspelled(extra_args)
+    prev_grads = extra_args.get("prev_grads")
+    t, secant = state.count, not self.full and prev_grads is None
+    buffer = state.direction.momentum if self.has_momentum else None
+    g32, x32, _, signs, direction = self.direction(updates, params, buffer, t)
+    s_prev, delta = self.previous_step(state.memory, state.stepsize, x32,
+                                       updates)
+    del s_prev
+    ref = prev_grads if prev_grads is not None else (
+        state.memory.grad if self.full else None)
+    stats = self.statistics(g32, x32, signs, direction, delta, ref, secant,
+                            updates)
+    # The new state is built from inputs tied to the scalars by a product with
+    # one (NaN if the direction has a NaN: the update is NaN then anyway), so
+    # XLA updates the donated state buffers in place after the reduction has
+    # read them instead of copying them first.
+    one = jnp.where(jnp.isnan(stats["u_inf"]), jnp.nan, 1.0)
+    updates, params, buffer, voted = jax.tree.map(
+        lambda x: x * one.astype(x.dtype),
+        (updates, params if self.has_decay else None, buffer,
+         None if self.axis_name is None else signs))
+    g32, x32, buffer, signs, direction = self.direction(
+        updates, params, buffer, t, voted)
+    zero = jnp.zeros([], _F32)
+    shared = dict(zip(("g_delta", "num", "f0", "g_s", "g_x"), jnp.unstack(
+        _pmean(jnp.stack([stats.get("g_delta", zero), stats.get("num", zero),
+                          self.f0(extra_args),
+                          stats["g_s"] if secant else zero,
+                          stats.get("g_x", zero)]), self.axis_name))))
+    gamma, eta, dist, estimator = self.estimate(state, stats, shared, t,
+                                                secant)
+    new_updates, u32, bits = self.apply(gamma, signs, direction,
+                                        stats["u_inf"], updates, x32, params)
+    inner = gamma * (shared["g_s"] + self.weight_decay * shared["g_x"]
+                     if self.has_decay else shared["g_s"])
+    return new_updates, AliasState(
+        count=optax.safe_increment(t),
+        stepsize=gamma,
+        smoothness=eta.astype(_F32),
+        distance=dist.astype(_F32),
+        last_update_norm=(gamma * stats["u_inf"]).astype(_F32),
+        estimator=estimator,
+        memory=self.remember(state.memory, updates, bits, u32, t, inner),
+        direction=(MomentumBuffer(_sign.cast_like(buffer, state.direction.momentum))
+                   if self.has_momentum else state.direction))
+
+
+def _shrink(gamma: jax.Array, rate: Any) -> jax.Array:
+  """``1 - gamma rate``, the decay's factor on x (1 where it is not positive).
+
+  With it ``u_{t-1} = -gamma (s + rate x_{t-1})`` is rebuilt from
+  ``x_t = x_{t-1} + u_{t-1}`` as ``-gamma (s + rate x_t) / shrink``.
+  """
+  shrink = 1.0 - gamma * rate
+  return jnp.where(shrink > 0, shrink, 1.0)
 
 
 def scale_by_alias(
     distance: str = "gap",
+    *,
     d0: float = 1e-6,
     f_lower: float = 0.0,
     initial_value: Optional[float] = None,
@@ -226,6 +470,7 @@ def scale_by_alias(
     warmup_steps: int = 0,
     warmup_stepsize: Optional[optax.ScalarOrSchedule] = None,
     weight_decay: float = 0.0,
+    mask: Optional[Any] = None,
     momentum: float = 0.0,
     nesterov: bool = False,
     memory: str = "full",
@@ -268,13 +513,18 @@ def scale_by_alias(
   :math:`\max(0, (A + \langle g_t, u_{t-1}\rangle)/U^2)` with
   :math:`A = -\langle g_{t-1}, u_{t-1}\rangle`, :math:`U = \|u_{t-1}\|_\infty`.
 
+  The state is an :class:`AliasState` whose parts are typed by configuration:
+  the estimator (:class:`GapState` or :class:`LowerBoundState`), the memory
+  (:class:`GradientMemory` or :class:`SignMemory`) and the direction's
+  :class:`MomentumBuffer` (``optax.EmptyState`` without momentum).
+
   Extra arguments of ``update``: ``value`` (the loss; needed on every call for
   ``distance="lower_bound"`` without ``initial_value``, only the first is
   used), ``prev_grads`` (same-batch estimator: the current batch's gradient
   at :math:`x_{t-k}`, see :func:`alias_previous_params`; replaces the stored
   gradient in the numerator), and ``params`` (needed for weight decay).
 
-  Args:
+  Args (all but ``distance`` keyword-only):
     distance: ``"gap"`` (Option I) or ``"lower_bound"`` (Option II).
     d0: Option I floor of the distance estimate, > 0.
     f_lower: Option II lower bound of the loss.
@@ -289,6 +539,8 @@ def scale_by_alias(
       ``warmup_steps > 0``.
     weight_decay: decoupled decay :math:`\lambda \ge 0`, scaled by
       :math:`\gamma_t` (needs ``params``).
+    mask: tree or callable choosing the decayed leaves (as in
+      ``optax.add_decayed_weights``); ``None`` decays every leaf.
     momentum: :math:`0 \le \mu < 1`: the direction is the sign of the buffer
       :math:`m_t = \mu m_{t-1} + g_t` (:math:`m_0 = g_0`); the statistics stay
       on raw gradients. Decides whether a buffer exists: pass a Python number.
@@ -298,7 +550,7 @@ def scale_by_alias(
     state_dtype: dtype of the gradient snapshot and momentum buffer.
     axis_name: optional named axis of workers. The direction is then the
       majority vote of the workers' directions and every worker computes the
-      same stepsize from one ``pmean`` of a few scalars (spec section 7).
+      same stepsize from one ``pmean`` of a few scalars.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose updates come out in the
@@ -314,6 +566,7 @@ def scale_by_alias(
     Single-Node Learning: Significant Boost via Parameter-Free Optimization",
     arXiv 2506.03725.
   """
+
   _checks.check_choice("distance", distance, DISTANCES)
   _checks.check_choice("memory", memory, MEMORIES)
   _checks.check_tie(tie)
@@ -334,235 +587,31 @@ def scale_by_alias(
   if memory == "sign" and _concrete_int(update_gap) not in (1, None):
     raise ValueError("memory='sign' requires update_gap=1 (a window of several "
                      f"steps is not representable in bits), got {update_gap}")
-  state_dtype = _checks.check_float_dtype("state_dtype", state_dtype)
-
-  # Structure (which buffers exist, which terms are reduced) follows Python
-  # values only; an array (optax.inject_hyperparams) takes the general path.
-  k = update_gap
-  full = memory == "full"
-  gap_one = not full or _checks.static_int(update_gap) == 1
-  has_decay = not _checks.is_static_zero(weight_decay)
-  has_momentum = not _checks.is_static_zero(momentum)
-  has_window = full and (not gap_one or has_decay or has_momentum)
-  # A vote is never the sign of a local gradient: keep it as bits.
-  keep_bits = not full or axis_name is not None
-  option2 = distance == "lower_bound"
-  # The direction is tsign(g_t): ||u_t||_inf follows from ||g_t||_1, no max.
-  plain_sign = axis_name is None and not has_momentum and not has_decay
-
-  def init_fn(params):
-    zero = jnp.zeros([], _F32)
-    bits = jax.tree.map(_zero_bits, params) if keep_bits else ()
-    return AliasState(
-        count=jnp.zeros([], jnp.int32),
-        stepsize=zero,
-        smoothness=jnp.asarray(eta0, _F32),
-        distance=zero if option2 else jnp.asarray(d0, _F32),
-        d_tilde=zero,
-        f_diff=zero,
-        last_update_norm=zero,
-        last_inner=zero,
-        grad_snapshot=(optax.tree.zeros_like(params, dtype=state_dtype)
-                       if full else ()),
-        window=optax.tree.zeros_like(params, dtype=_F32) if has_window else (),
-        momentum=(optax.tree.zeros_like(params, dtype=state_dtype)
-                  if has_momentum else ()),
-        sign_bits=bits,  # separate buffers: states may be donated
-        nonzero_bits=(jax.tree.map(_zero_bits, params)
-                      if keep_bits and tie == "zero" else ()))
+  alias = _Alias(
+      option2=distance == "lower_bound", memory=memory, tie=tie,
+      axis_name=axis_name, update_gap=update_gap, d0=d0, f_lower=f_lower,
+      initial_value=initial_value, eta0=eta0,
+      initial_stepsize=initial_stepsize, max_stepsize=max_stepsize,
+      warmup_steps=warmup_steps, warmup_stepsize=warmup_stepsize,
+      weight_decay=weight_decay, mask=mask, momentum=momentum,
+      nesterov=nesterov,
+      state_dtype=_checks.check_float_dtype("state_dtype", state_dtype))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if has_decay and params is None:
-      raise ValueError("scale_by_alias with weight_decay > 0 needs params: "
-                       "call update(grads, state, params)")
-    _checks.warn_misspelled(extra_args)
-    prev_grads = extra_args.get("prev_grads")
-    t = state.count
-    gamma_prev = state.stepsize
-    sample = (t > warmup_steps) & (t % k == 0)
-    secant = not full and prev_grads is None
-    if option2:
-      if initial_value is not None:
-        f0 = jnp.asarray(initial_value, _F32)
-      elif extra_args.get("value") is None:
-        raise ValueError(
-            "scale_by_alias(distance='lower_bound') needs the loss: pass "
-            "value=loss to update (only the first call's value is used) or "
-            "set initial_value= at construction")
-      else:
-        f0 = _scalar_loss(extra_args["value"])
-    else:
-      f0 = jnp.zeros([], _F32)
+    return alias.update(updates, state, params, extra_args)
 
-    # Direction s_t: sign of the gradient, of the momentum buffer, or the
-    # workers' vote (then passed in as `signs`, to vote only once).
-    def directions(grads, params, old_momentum, signs=None):
-      g32 = optax.tree.cast(grads, _F32)
-      x32 = optax.tree.cast(params, _F32) if has_decay else None
-      source, new_momentum = g32, old_momentum
-      if has_momentum:
-        new_momentum = jax.tree.map(
-            lambda g, m: jnp.where(t == 0, g, momentum * m.astype(_F32) + g),
-            g32, old_momentum)
-        source = new_momentum
-        if nesterov:
-          source = jax.tree.map(lambda g, m: g + momentum * m, g32,
-                                new_momentum)
-      if signs is None and axis_name is None:
-        signs = jax.tree.map(lambda v: _sign.tie_sign(v, tie), source)
-      elif signs is None:
-        signs = optax.tree.cast(
-            _communication.vote_signs(source, axis_name, tie=tie), _F32)
-      direction = signs
-      if has_decay:
-        direction = jax.tree.map(lambda s, x: s + weight_decay * x, signs, x32)
-      return g32, x32, new_momentum, signs, direction
+  return optax.GradientTransformationExtraArgs(alias.init, update_fn)
 
-    g32, x32, _, signs, direction = directions(updates, params, state.momentum)
-    num_params = sum(x.size for x in jax.tree.leaves(updates))
 
-    # Previous applied direction and its iterate difference Delta.
-    if keep_bits:
-      s_prev = _unpack_signs(state.sign_bits, state.nonzero_bits, updates)
-    elif not has_window:
-      s_prev = jax.tree.map(lambda g: _sign.tie_sign(g.astype(_F32), tie),
-                            state.grad_snapshot)
-    if has_window:
-      delta = state.window
-    elif has_decay:  # sign memory with decay: rebuild u_{t-1} from x_t.
-      shrink = 1.0 - gamma_prev * weight_decay
-      shrink = jnp.where(shrink > 0, shrink, 1.0)
-      delta = jax.tree.map(
-          lambda s, x: -gamma_prev * (s + weight_decay * x) / shrink,
-          s_prev, x32)
-    else:
-      delta = jax.tree.map(lambda s: -gamma_prev * s, s_prev)
-
-    # All local scalars in one pass; those of the gradient are averaged over
-    # workers in one pmean.
-    ref = prev_grads if prev_grads is not None else state.grad_snapshot
-    mult = lambda a, b: jax.tree.map(jnp.multiply, a, b)
-    terms = {}
-    if secant or not option2:
-      terms["g_delta"] = ("sum", mult(g32, delta))
-    if prev_grads is not None or full:
-      terms["num"] = ("sum", jax.tree.map(
-          lambda g, p: jnp.abs(g - p.astype(_F32)), g32, ref))
-    if secant or plain_sign:
-      terms["g_s"] = ("sum", mult(g32, signs))
-    if not plain_sign:
-      terms["u_inf"] = ("max", jax.tree.map(jnp.abs, direction))
-    if secant and has_decay:
-      terms["g_x"] = ("sum", mult(g32, x32))
-    if not gap_one:
-      terms["den"] = ("max", jax.tree.map(jnp.abs, delta))
-    stats = dict(zip(terms, _global_reduce(
-        list(terms.values()), _communication.axis_names(axis_name))))
-    if axis_name is not None:
-      # The maxima read only voted (shared) values, but the fused reduction
-      # types them as per worker; one exact scalar pmax makes them shared.
-      maxima = [m for m in ("u_inf", "den") if m in stats]
-      shared = jax.lax.pmax(jnp.stack([stats[m] for m in maxima]), axis_name)
-      stats.update(zip(maxima, jnp.unstack(shared)))
-    if plain_sign:  # ||s_t||_inf from <g_t, tsign(g_t)> = ||g_t||_1.
-      moved = stats["g_s"] > 0 if tie == "zero" else num_params > 0
-      stats["u_inf"] = jnp.where(jnp.isnan(stats["g_s"]), jnp.nan,
-                                 jnp.where(moved, 1.0, 0.0))
-    # The new state is built from inputs tied to the scalars by a product with
-    # one (NaN if the direction has a NaN: the update is NaN then anyway), so
-    # XLA updates the donated state buffers in place after the reduction has
-    # read them instead of copying them first.
-    one = jnp.where(jnp.isnan(stats["u_inf"]), jnp.nan, 1.0)
-    updates, params, old_momentum, voted = jax.tree.map(
-        lambda x: x * one.astype(x.dtype),
-        (updates, params if has_decay else None, state.momentum,
-         None if axis_name is None else signs))
-    g32, x32, new_momentum, signs, direction = directions(
-        updates, params, old_momentum, voted)
-    zero = jnp.zeros([], _F32)
-    g_delta, num, f0, g_s, g_x = jnp.unstack(_pmean(jnp.stack(
-        [stats.get("g_delta", zero), stats.get("num", zero), f0,
-         stats["g_s"] if secant else zero, stats.get("g_x", zero)]),
-        axis_name))
-
-    # 1. Option II distance from the first loss.
-    f_diff = jnp.where(t == 0, jnp.maximum(f0 - f_lower, 0.0), state.f_diff)
-
-    # 2. Smoothness sample and distance increment.
-    den = state.last_update_norm if gap_one else stats["den"]
-    if not secant:
-      l_hat = num / jnp.where(den > 0, den, 1.0)
-    else:
-      l_hat = jnp.maximum(
-          (state.last_inner + g_delta) / jnp.where(den > 0, den * den, 1.0), 0.)
-    ok = sample & (den > 0) & jnp.isfinite(l_hat)
-    eta = state.smoothness + jnp.where(ok, l_hat, 0.0)
-    d_tilde = state.d_tilde + jnp.where(sample & (not option2), -g_delta, 0.0)
-
-    # 3. Stepsize.
-    recompute = (t == warmup_steps) | sample
-    dist = f_diff if option2 else jnp.maximum(state.distance, d_tilde)
-    gamma = jnp.where(eta > 0, jnp.sqrt(dist / jnp.where(eta > 0, eta, 1.0)),
-                      jnp.asarray(initial_stepsize, _F32))
-    if max_stepsize is not None:
-      gamma = jnp.minimum(gamma, max_stepsize)
-    gamma = jnp.where(recompute, gamma, gamma_prev)
-    dist = jnp.where(recompute, dist, state.distance)
-    if warmup_stepsize is not None:
-      warm = (warmup_stepsize(t) if callable(warmup_stepsize)
-              else warmup_stepsize)
-      gamma = jnp.where(t < warmup_steps, jnp.asarray(warm, _F32), gamma)
-    gamma = gamma.astype(_F32)
-
-    # 4-5. Update u_t = -gamma (s_t + wd x_t). With stored bits the update
-    # reads the new bits instead of the gradient; a NaN direction then makes
-    # the whole update NaN (it is never hidden).
-    sign_bits, nonzero_bits = state.sign_bits, state.nonzero_bits
-    if keep_bits:
-      sign_bits, nonzero_bits = _pack_signs(signs, tie)
-      applied = _unpack_signs(sign_bits, nonzero_bits, updates)
-      if has_decay:
-        applied = jax.tree.map(lambda s, x: s + weight_decay * x, applied,
-                               x32)
-      scale = jnp.where(jnp.isnan(stats["u_inf"]), jnp.nan, gamma)
-    else:
-      applied, scale = direction, gamma
-    u32 = jax.tree.map(lambda s: -scale * s, applied)
-    u_norm = gamma * stats["u_inf"]
-    new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), u32, updates)
-
-    # 6. Bookkeeping.
-    snap = t % k == 0
-    grad_snapshot = state.grad_snapshot
-    if full and gap_one:
-      grad_snapshot = _sign.cast_like(updates, state.grad_snapshot)
-    elif full:
-      grad_snapshot = jax.tree.map(
-          lambda g, old: jnp.where(snap, g.astype(old.dtype), old),
-          updates, state.grad_snapshot)
-    window = state.window
-    if has_window:
-      window = jax.tree.map(lambda w, u: jnp.where(snap, 0.0, w) + u,
-                            state.window, u32)
-    last_inner = gamma * (g_s + weight_decay * g_x if has_decay else g_s)
-    new_state = AliasState(
-        count=optax.safe_increment(t),
-        stepsize=gamma,
-        smoothness=eta.astype(_F32),
-        distance=dist.astype(_F32),
-        d_tilde=d_tilde.astype(_F32),
-        f_diff=f_diff.astype(_F32),
-        last_update_norm=u_norm.astype(_F32),
-        last_inner=last_inner.astype(_F32),
-        grad_snapshot=grad_snapshot,
-        window=window,
-        momentum=(_sign.cast_like(new_momentum, state.momentum)
-                  if has_momentum else ()),
-        sign_bits=sign_bits,
-        nonzero_bits=nonzero_bits)
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+def _check_warmup(warmup_steps: Any, warmup_stepsize: Any) -> None:
+  """A warmup needs its stepsize (scalar or schedule)."""
+  if warmup_stepsize is None:
+    if _concrete_int(warmup_steps) not in (0, None):
+      raise ValueError(
+          "warmup_stepsize (a scalar or a schedule) is required when "
+          f"warmup_steps > 0, got warmup_steps={warmup_steps}")
+  else:
+    _checks.check_nonnegative_or_schedule("warmup_stepsize", warmup_stepsize)
 
 
 def _find_alias_state(state: Any) -> AliasState:
@@ -576,218 +625,49 @@ def _find_alias_state(state: Any) -> AliasState:
 
 
 def alias_previous_params(params: optax.Params,
-                          state: optax.OptState,
-                          weight_decay: float = 0.0,
-                          tie: str = "zero") -> optax.Params:
+                          state: optax.OptState) -> optax.Params:
   r"""The iterate :math:`x_{t-k}` for the same-batch estimator.
 
   Returns :math:`x_t - (x_t - x_{t-k})`: the stored window when there is one,
-  otherwise :math:`x_t - u_{t-1}` rebuilt from the stored direction. Evaluate
-  the current batch's gradient there and pass it as ``prev_grads=``. Flax NNX
-  trees are accepted as they are (``nnx.state(model, nnx.Param)`` and
+  otherwise :math:`x_t - u_{t-1}` rebuilt from the stored direction (the tie
+  policy and decay rates are read from the state). Evaluate the current
+  batch's gradient there and pass it as ``prev_grads=``. Flax NNX trees are
+  accepted as they are (``nnx.state(model, nnx.Param)`` and
   ``optimizer.opt_state``); the result has the structure of ``params``.
 
   Args:
     params: the current parameters :math:`x_t`.
     state: the optimizer state (any state containing one :class:`AliasState`).
-    weight_decay: the transformation's ``weight_decay`` (needed only for the
-      rebuild with ``memory="sign"``).
-    tie: the transformation's ``tie`` (needed only for ``memory="full"``
-      without a window).
 
   Returns:
     A tree like ``params``.
 
   Example:
-    >>> # prev = alias_previous_params(params, opt_state)
-    >>> # prev_grads = jax.grad(loss)(prev, batch)
-    >>> # updates, opt_state = tx.update(grads, opt_state, params,
-    >>> #                                prev_grads=prev_grads)
+    >>> tx = alias_sign_sgd(memory="sign", tie="positive")
+    >>> state = tx.init(params)
+    >>> previous = alias_previous_params(params, state)
+    >>> prev_grads = jax.grad(loss)(previous)     # the same batch, at x_{t-1}
+    >>> updates, state = tx.update(grads, state, params, prev_grads=prev_grads)
   """
   s = _find_alias_state(state)
+  memory = s.memory
   # Leaves in order, so that wrapped trees (Flax NNX ``Param`` parameters and
   # ``OptVariable`` states) combine as they are.
   x, treedef = jax.tree.flatten(params)
   gamma = jax.tree.leaves(s.stepsize)[0]
-  if not _absent(s.window):
-    return jax.tree.unflatten(treedef, [(xi - w).astype(xi.dtype) for xi, w in
-                              zip(x, jax.tree.leaves(s.window))])
-  if not _absent(s.sign_bits):  # x_t - u_{t-1}, u_{t-1} as in the update.
-    nonzero = (() if _absent(s.nonzero_bits)
-               else jax.tree.leaves(s.nonzero_bits))
-    signs = _unpack_signs(jax.tree.leaves(s.sign_bits), nonzero, x)
-    shrink = 1.0 - gamma * weight_decay
-    shrink = jnp.where(shrink > 0, shrink, 1.0)
-    return jax.tree.unflatten(treedef, [
-        (xi.astype(_F32) + gamma * (d + weight_decay * xi.astype(_F32))
-         / shrink).astype(xi.dtype) for xi, d in zip(x, signs)])
+  window = getattr(memory, "window", optax.EmptyState())
+  if not _absent(window):  # x_t - x_{t-k} itself
+    steps = jax.tree.leaves(window)
+  elif not _absent(memory.signs):  # u_{t-1} as in the update
+    signs = jax.tree.leaves(_bits.unpack_signs(memory.signs, params))
+    decay = getattr(memory, "decay", optax.EmptyState())
+    rates = [0.0] * len(x) if _absent(decay) else jax.tree.leaves(decay)
+    steps = [-gamma * (d + r * xi.astype(_F32)) / _shrink(gamma, r)
+             for d, xi, r in zip(signs, x, rates)]
+  else:
+    assert isinstance(memory, GradientMemory)
+    code = jax.tree.leaves(memory.tie)[0]
+    steps = [-gamma * _tie_sign_coded(g.astype(_F32), code)
+             for g in jax.tree.leaves(memory.grad)]
   return jax.tree.unflatten(treedef, [
-      (xi.astype(_F32) + gamma * _sign.tie_sign(g.astype(_F32), tie)).astype(
-          xi.dtype) for xi, g in zip(x, jax.tree.leaves(s.grad_snapshot))])
-
-
-# ----------------------------------------------------------------------------
-# Momentum / Adam-style ALIAS (experimental).
-
-
-class AliasMomentumState(NamedTuple):
-  """State of :func:`scale_by_alias_momentum` (``distance`` is the one to log)."""
-  count: jax.Array  # type: ignore[assignment]  # int32 scalar
-  distance: Any  # float32 scalar d (a tree of per-leaf scalars if per_tensor)
-  running: Any  # float32 scalar r (likewise)
-  mu: optax.Updates  # tree like params, state_dtype: first moment m
-  nu: optax.Updates  # tree like params, state_dtype: second moment v
-  prev_grad: Any  # tree like params, state_dtype, for dot="abs_abs"; else ()
-  sign_bits: Any  # tree of packed uint8: g_{t-1} > 0, for dot="sign_inner"
-  nonzero_bits: Any  # tree of packed uint8: g_{t-1} != 0, for "sign_inner"
-
-
-def scale_by_alias_momentum(
-    learning_rate: optax.ScalarOrSchedule = 1.0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    d0: float = 1e-6,
-    r0: float = 0.0,
-    dot: str = "sign_inner",
-    direction: str = "sign_snr",
-    per_tensor: bool = False,
-    weight_decay: float = 0.0,
-    state_dtype: Any = "float32",
-) -> optax.GradientTransformationExtraArgs:
-  r"""Momentum / Adam-style ALIAS (experimental reconstruction).
-
-  For :math:`t \ge 1`, with :math:`c_t = \langle g_t,
-  \operatorname{sign}(g_{t-1})\rangle` (``dot="sign_inner"``) or
-  :math:`\sum |g_t||g_{t-1}|` (``"abs_abs"``):
-
-  .. math::
-    r_t = \sqrt{\beta_2} r_{t-1} + (1 - \sqrt{\beta_2}) d_{t-1} c_t,\quad
-    d_t = \max(d_{t-1}, r_t),
-
-  then (zero initial moments, no bias correction)
-  :math:`m_t = \beta_1 m_{t-1} + (1-\beta_1) d_t g_t`,
-  :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) d_t^2 g_t^2` and
-
-  .. math::
-    u_t = -\alpha_t\Big(d_t\sqrt{\tfrac{m_t^2+\epsilon}{v_t+\epsilon}}
-    \operatorname{sign}(m_t) + \lambda x_t\Big)
-    \ \text{(``sign_snr``)},\qquad
-    u_t = -\alpha_t\Big(\frac{d_t m_t}{\sqrt{v_t}+\epsilon} + \lambda x_t\Big)
-    \ \text{(``adam``)}.
-
-  Scalars are global by default; ``per_tensor=True`` keeps one
-  :math:`(r, d)` per leaf, as the released code does. It emits the final
-  update (minus sign and ``learning_rate`` included).
-
-  Args:
-    learning_rate: :math:`\alpha_t`, a scalar or a schedule.
-    b1, b2: moment decays in [0, 1).
-    eps: :math:`\epsilon > 0`.
-    d0: initial distance estimate, > 0.
-    r0: initial running estimate, >= 0.
-    dot: ``"sign_inner"`` (stores only packed signs of the previous gradient)
-      or ``"abs_abs"`` (stores the previous gradient).
-    direction: ``"sign_snr"`` or ``"adam"``.
-    per_tensor: one distance estimate per leaf instead of a global one.
-    weight_decay: decoupled decay :math:`\lambda \ge 0` (needs ``params``).
-    state_dtype: dtype of the moments and of the stored gradient.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-
-  Example:
-    >>> tx = scale_by_alias_momentum(learning_rate=1e-3, d0=1.0)
-
-  References:
-    Medyakov et al., arXiv 2506.03725 (Adam-like ALIAS); Mishchenko and
-    Defazio, "Prodigy", arXiv 2306.06101.
-  """
-  if not callable(learning_rate):
-    _checks.check_nonnegative("learning_rate", learning_rate)
-  _checks.check_interval("b1", b1, 0.0, 1.0, high_open=True)
-  _checks.check_interval("b2", b2, 0.0, 1.0, high_open=True)
-  _checks.check_positive("eps", eps)
-  _checks.check_positive("d0", d0)
-  _checks.check_nonnegative("r0", r0)
-  _checks.check_choice("dot", dot, ("sign_inner", "abs_abs"))
-  _checks.check_choice("direction", direction, ("sign_snr", "adam"))
-  _checks.check_nonnegative("weight_decay", weight_decay)
-  state_dtype = _checks.check_float_dtype("state_dtype", state_dtype)
-  has_decay = not _checks.is_static_zero(weight_decay)
-
-  def scalars(params, value):
-    if per_tensor:
-      return jax.tree.map(lambda _: jnp.asarray(value, _F32), params)
-    return jnp.asarray(value, _F32)
-
-  def init_fn(params):
-    bits = jax.tree.map(_zero_bits, params) if dot == "sign_inner" else ()
-    return AliasMomentumState(
-        count=jnp.zeros([], jnp.int32),
-        distance=scalars(params, d0),
-        running=scalars(params, r0),
-        mu=optax.tree.zeros_like(params, dtype=state_dtype),
-        nu=optax.tree.zeros_like(params, dtype=state_dtype),
-        prev_grad=(optax.tree.zeros_like(params, dtype=state_dtype)
-                   if dot == "abs_abs" else ()),
-        sign_bits=bits if dot == "sign_inner" else (),
-        nonzero_bits=(jax.tree.map(_zero_bits, params)
-                      if dot == "sign_inner" else ()))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    if has_decay and params is None:
-      raise ValueError("scale_by_alias_momentum with weight_decay > 0 needs "
-                       "params: call update(grads, state, params)")
-    t = state.count
-    if dot == "sign_inner":
-      prev = _unpack_signs(state.sign_bits, state.nonzero_bits, updates)
-      c = jax.tree.map(lambda g, s: jnp.sum(g.astype(_F32) * s), updates, prev)
-    else:
-      c = jax.tree.map(
-          lambda g, p: jnp.sum(jnp.abs(g.astype(_F32)) * jnp.abs(
-              p.astype(_F32))), updates, state.prev_grad)
-    if not per_tensor:
-      c = sum(jax.tree.leaves(c), jnp.zeros([], _F32))
-    rb2 = b2 ** 0.5
-    running = jax.tree.map(
-        lambda r, d, ci: jnp.where(t > 0, rb2 * r + (1 - rb2) * d * ci, r),
-        state.running, state.distance, c)
-    dist = jax.tree.map(jnp.maximum, state.distance, running)
-    d_tree = (dist if per_tensor
-              else jax.tree.map(lambda _: dist, updates))
-    mu = jax.tree.map(
-        lambda g, m, d: b1 * m.astype(_F32) + (1 - b1) * d * g.astype(_F32),
-        updates, state.mu, d_tree)
-    nu = jax.tree.map(
-        lambda g, v, d: b2 * v.astype(_F32)
-        + (1 - b2) * jnp.square(d * g.astype(_F32)), updates, state.nu, d_tree)
-    if direction == "sign_snr":
-      dirs = jax.tree.map(
-          lambda m, v, d: d * jnp.sqrt((m * m + eps) / (v + eps)) * jnp.sign(m),
-          mu, nu, d_tree)
-    else:
-      dirs = jax.tree.map(lambda m, v, d: d * m / (jnp.sqrt(v) + eps),
-                          mu, nu, d_tree)
-    if has_decay:
-      dirs = jax.tree.map(lambda u, x: u + weight_decay * x.astype(_F32),
-                          dirs, params)
-    lr = learning_rate(t) if callable(learning_rate) else learning_rate
-    new_updates = jax.tree.map(lambda u, g: (-lr * u).astype(g.dtype),
-                               dirs, updates)
-    sign_bits, nonzero_bits = state.sign_bits, state.nonzero_bits
-    if dot == "sign_inner":
-      sign_bits, nonzero_bits = _pack_signs(updates, "zero")
-    return new_updates, AliasMomentumState(
-        count=optax.safe_increment(t),
-        distance=dist,
-        running=running,
-        mu=_sign.cast_like(mu, state.mu),
-        nu=_sign.cast_like(nu, state.nu),
-        prev_grad=(_sign.cast_like(updates, state.prev_grad)
-                   if dot == "abs_abs" else ()),
-        sign_bits=sign_bits,
-        nonzero_bits=nonzero_bits)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+      (xi.astype(_F32) - u).astype(xi.dtype) for xi, u in zip(x, steps)])

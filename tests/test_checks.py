@@ -73,8 +73,10 @@ def test_structure_follows_python_values_only():
   params = harness.init_params()
   plain = optax_sign.scale_by_alias(momentum=0.0).init(params)
   injected = optax_sign.scale_by_alias(momentum=jnp.asarray(0.0)).init(params)
-  assert plain.momentum == () and plain.window == ()
-  assert jax.tree.structure(injected.momentum) == jax.tree.structure(params)
+  assert plain.direction == optax.EmptyState()
+  assert plain.memory.window == optax.EmptyState()
+  assert jax.tree.structure(injected.direction.momentum) == jax.tree.structure(
+      params)
   # Same bits either way: a zero momentum is the plain sign.
   pa, _ = harness.run(optax_sign.scale_by_alias(initial_stepsize=1e-2), 6)
   pb, _ = harness.run(optax_sign.scale_by_alias(

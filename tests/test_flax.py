@@ -101,7 +101,7 @@ def test_previous_params_equal_for_nnx_and_plain_trees():
   optimizer.update(model, jax.tree.map(jnp.ones_like,
                                        nnx.state(model, nnx.Param)))
   got = optax_sign.alias_previous_params(nnx.state(model, nnx.Param),
-                                         optimizer.opt_state, weight_decay=1e-2)
-  want = optax_sign.alias_previous_params(plain, state, weight_decay=1e-2)
+                                         optimizer.opt_state)
+  want = optax_sign.alias_previous_params(plain, state)
   np.testing.assert_array_equal(
       nnx.to_pure_dict(got)["out"]["kernel"], want["out"]["kernel"])

@@ -142,12 +142,12 @@ def test_alive_mask_with_mixed_replication():
 def test_alias_statistics_cover_every_model_shard():
   """ALIAS's fused reduction sums sharded leaves over "model" and counts a
   replicated leaf once, as the unsharded sums do."""
-  from optax_sign import _stepsize  # pylint: disable=g-import-not-at-top
+  from optax_sign import _reduce  # pylint: disable=g-import-not-at-top
   grads = _grads(4, integers=False)
   stacked = {"w": grads["w"].reshape(N * 16, 8), "b": grads["b"].reshape(-1)}
 
   def stats(g):
-    out = _stepsize._global_reduce(
+    out = _reduce.global_reduce(
         [("sum", jax.tree.map(jnp.abs, g)), ("max", jax.tree.map(jnp.abs, g))],
         worker_axes=("data",))
     return jnp.stack(out)[None]
