@@ -402,7 +402,9 @@ def alias_sign_sgd(
   The arguments are listed briefly below; :func:`optax_sign.scale_by_alias`
   documents them in full.
 
-  Args (all but ``distance`` keyword-only):
+  All arguments but ``distance`` are keyword-only.
+
+  Args:
     distance: ``"gap"`` (Option I) or ``"lower_bound"`` (Option II).
     d0: Option I floor of the distance estimate, > 0.
     f_lower: Option II lower bound of the loss.

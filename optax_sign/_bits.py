@@ -15,53 +15,53 @@ _F32 = jnp.float32
 
 
 class SignBits(NamedTuple):
-  """Packed signs of a tree (see :func:`pack_signs`)."""
+  """Packed signs of a tree (see ``pack_signs``)."""
   positive: Any  # tree of uint8: s > 0, 8 consecutive elements per byte
   nonzero: Any  # tree of uint8: s != 0 (tie="zero"), else optax.EmptyState()
 
 
 def bit_layout(shape: Sequence[int]) -> tuple:
-  """Shapes used to pack an array of ``shape`` 8 bits per byte.
+  """The shape of an array of ``shape`` packed 8 coordinates per byte.
 
   Runs of 8 consecutive elements of the last axis share a byte (bit ``k``
-  holds element ``8 j + k``), so packing and unpacking keep the array's
-  layout and fuse into elementwise passes. Without a last axis whose length
-  is a multiple of 8 the array is flattened and padded first.
-
-  Returns:
-    ``(bits_shape, padded)``: the shape of the packed uint8 array and whether
-    the array is flattened and padded.
+  holds element ``8 j + k``); the last axis is padded to a multiple of 8. The
+  rank and the other axes are kept, so packed bits keep the array's layout
+  (and its sharding where the packed axis divides) and packing and unpacking
+  fuse into elementwise passes. A 0-d array packs into a 0-d byte.
   """
   shape = tuple(shape)
-  if shape and shape[-1] % 8 == 0:
-    return shape[:-1] + (shape[-1] // 8,), False
-  return (-(-int(np.prod(shape, dtype=np.int64)) // 8),), True
+  if not shape:
+    return ()
+  return shape[:-1] + (-(-shape[-1] // 8),)
 
 
 def _pack(mask: jax.Array) -> jax.Array:
   """Packs a boolean array 8 per byte (uint8, see :func:`bit_layout`)."""
-  bits_shape, padded = bit_layout(mask.shape)
-  if padded:
-    mask = jnp.pad(mask.reshape(-1), (0, 8 * bits_shape[0] - mask.size))
-  mask = mask.reshape(bits_shape + (8,)).astype(jnp.uint8)
+  if mask.ndim == 0:
+    return _pack(mask[None])[0]
+  pad = (-mask.shape[-1]) % 8
+  if pad:
+    mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)])
+  mask = mask.reshape(mask.shape[:-1] + (mask.shape[-1] // 8, 8))
   # A reduction, which XLA does not fuse into its consumers: the update then
   # reads the packed bits, not the gradient again.
-  return jnp.sum(mask << np.arange(8, dtype=np.uint8), axis=-1,
-                 dtype=jnp.uint8)
+  return jnp.sum(mask.astype(jnp.uint8) << np.arange(8, dtype=np.uint8),
+                 axis=-1, dtype=jnp.uint8)
 
 
 def _unpack(bits: jax.Array, like: jax.Array) -> jax.Array:
   """The boolean array of ``like``'s shape packed by :func:`_pack`."""
-  _, padded = bit_layout(like.shape)
+  if like.ndim == 0:
+    return _unpack(bits[None], like[None])[0]
   mask = (bits[..., None] >> np.arange(8, dtype=np.uint8)) & np.uint8(1)
-  if padded:
-    return mask.reshape(-1)[:like.size].reshape(like.shape) != 0
-  return mask.reshape(like.shape) != 0
+  mask = mask.reshape(bits.shape[:-1] + (8 * bits.shape[-1],))
+  return mask[..., :like.shape[-1]] != 0
 
 
 def zero_signs(params: Any, tie: str) -> SignBits:
-  """Packed all-zero planes for a tree like ``params``."""
-  zeros = lambda x: jnp.zeros(bit_layout(x.shape)[0], jnp.uint8)
+  """Packed all-zero planes for a tree like ``params`` (laid out, and on an
+  Explicit mesh sharded, as ``pack_signs`` lays out its planes)."""
+  zeros = lambda x: _pack(jnp.zeros_like(x, dtype=bool))
   return SignBits(
       positive=jax.tree.map(zeros, params),  # separate buffers: states may
       nonzero=(jax.tree.map(zeros, params)   # be donated
@@ -77,8 +77,18 @@ def pack_signs(signs: Any, tie: str) -> SignBits:
   return SignBits(positive, jax.tree.map(lambda s: _pack(s != 0), signs))
 
 
+def _laid_out_like(y: jax.Array, x: Any) -> jax.Array:
+  """``y`` with ``x``'s Explicit sharding: the bits of a leaf sharded along a
+  last axis that the packing does not divide are replicated."""
+  want = getattr(jax.typeof(x), "sharding", None)
+  if (want is None or want.mesh.empty
+      or jax.typeof(y).sharding.spec == want.spec):
+    return y
+  return jax.sharding.reshard(y, want)
+
+
 def unpack_signs(bits: SignBits, like: Any) -> Any:
-  """The float32 tree of signs stored by :func:`pack_signs`.
+  """The float32 tree of signs stored by ``pack_signs``.
 
   ``bits`` and ``like`` are matched leaf by leaf (in order), so wrapped trees
   (Flax ``Param`` vs ``OptVariable``) combine; the result has ``like``'s
@@ -91,7 +101,8 @@ def unpack_signs(bits: SignBits, like: Any) -> Any:
 
   def one(p, x, nz):
     s = jnp.where(_unpack(p, x), 1.0, -1.0).astype(_F32)
-    return s if nz is None else jnp.where(_unpack(nz, x), s, 0.0)
+    s = s if nz is None else jnp.where(_unpack(nz, x), s, 0.0)
+    return _laid_out_like(s, x)
 
   return jax.tree.unflatten(
       treedef, [one(p, x, nz) for p, x, nz in zip(positive, leaves, nonzero)])

@@ -85,11 +85,12 @@ def vote_bytes(transport: str, num_workers: int, size: int,
                tie: str = "zero") -> float:
   r"""Bytes one worker sends per vote of ``size`` coordinates (ring model).
 
-  The exact count, padding included, under the accounting of the
-  specification: an all-reduce of :math:`B` bytes sends
-  :math:`2(N-1)B/N`, an all-gather of an own contribution of :math:`B` bytes
-  sends :math:`(N-1)B` and an all-to-all of :math:`B` bytes sends
-  :math:`(N-1)B/N`. The alive mask's few bytes are not included.
+  The exact count, padding included, under the ring model of
+  ``docs/algorithms/majority_vote.md`` (section "Bytes on the wire"): an
+  all-reduce of :math:`B` bytes sends :math:`2(N-1)B/N`, an all-gather of an
+  own contribution of :math:`B` bytes sends :math:`(N-1)B` and an all-to-all of
+  :math:`B` bytes sends :math:`(N-1)B/N`. The alive mask's few bytes are not
+  included.
 
   Args:
     transport: ``"psum"``, ``"allgather"`` or ``"alltoall"``.
@@ -99,6 +100,15 @@ def vote_bytes(transport: str, num_workers: int, size: int,
 
   Returns:
     Bytes sent per worker, as a float.
+
+  Example:
+    Bytes per coordinate for 8 workers and a million coordinates:
+
+    >>> d = 2**20
+    >>> vote_bytes("psum", 8, d) / d  # int8 all-reduce, 2 (N - 1) / N
+    1.75
+    >>> vote_bytes("alltoall", 8, d, tie="positive") / d  # 2 (N - 1) / (8 N)
+    0.21875
   """
   _checks.check_int("num_workers", num_workers, 1)
   _checks.check_int("size", size, 0)

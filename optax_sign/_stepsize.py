@@ -524,7 +524,9 @@ def scale_by_alias(
   at :math:`x_{t-k}`, see :func:`alias_previous_params`; replaces the stored
   gradient in the numerator), and ``params`` (needed for weight decay).
 
-  Args (all but ``distance`` keyword-only):
+  All arguments but ``distance`` are keyword-only.
+
+  Args:
     distance: ``"gap"`` (Option I) or ``"lower_bound"`` (Option II).
     d0: Option I floor of the distance estimate, > 0.
     f_lower: Option II lower bound of the loss.
@@ -559,7 +561,10 @@ def scale_by_alias(
   Example:
     >>> tx = scale_by_alias()                       # Option I, no tuning
     >>> tx = scale_by_alias("lower_bound", f_lower=0.0)
-    >>> # updates, state = tx.update(grads, state, params, value=loss)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params, value=value)
+    >>> float(optax.tree.get(state, "stepsize")) > 0
+    True
 
   References:
     Medyakov et al., "Sign-SGD is the Golden Gate between Multi-Node to

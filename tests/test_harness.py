@@ -189,18 +189,7 @@ def test_pure_function(case):
   _close(first, second, rtol=0, atol=0)
 
 
-# Packed sign bits flatten a last axis that is not a multiple of 8 (issue 10
-# item 6, to be fixed inside the ALIAS redesign); they fail on an Explicit
-# mesh with a sharded leaf.
-_PACKED_BITS = {"alias_gap_sign_memory", "alias_lower_bound_sign_memory",
-                "alias_momentum"}
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(
-        strict=True,
-        reason="packed sign bits are flattened (issue 10 item 6)"))
-    if c.name in _PACKED_BITS else c for c in CASES], ids=IDS)
+@by_name
 def test_state_types_stable_on_explicit_mesh(case):
   _check_state_types_on_explicit_mesh(lambda: case.make(**case.hparams))
 
@@ -298,12 +287,7 @@ def test_defaults_preserve_bf16(default):
   assert _types(state) == _types(state0)
 
 
-@pytest.mark.parametrize("default", [
-    pytest.param(d, marks=pytest.mark.xfail(
-        strict=True,
-        reason="packed sign bits are flattened (issue 10 item 6)"))
-    if d.name == "scale_by_alias_momentum" else d for d in DEFAULTS],
-    ids=[d.name for d in DEFAULTS])
+@by_default
 def test_defaults_state_types_stable_on_explicit_mesh(default):
   _check_state_types_on_explicit_mesh(
       lambda: default.factory(*default.args, **default.kwargs))

@@ -159,3 +159,57 @@ def test_alias_statistics_cover_every_model_shard():
     expected_max = max(np.abs(grads["w"][i]).max(), np.abs(grads["b"][i]).max())
     np.testing.assert_allclose(np.asarray(got[i]),
                                [expected_sum, expected_max], rtol=1e-6)
+
+
+def test_packed_sign_memory_keeps_rank_and_sharding():
+  """Sign-memory ALIAS's packed bits keep each leaf's rank, and its sharding
+  where the packed last axis divides; the state's types never change."""
+  mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    params = {"tp": jax.sharding.reshard(jnp.ones((4, 32)), P(None, "x")),
+              "odd": jax.sharding.reshard(jnp.ones((4, 3)), P("x", None)),
+              "bias": jnp.ones(5), "scalar": jnp.ones(())}
+    tx = optax_sign.alias_sign_sgd(memory="sign")
+    state = tx.init(params)
+    bits = state[0].memory.signs.positive
+    assert {k: v.shape for k, v in bits.items()} == {
+        "tp": (4, 4), "odd": (4, 1), "bias": (1,), "scalar": ()}
+    assert jax.typeof(bits["tp"]).sharding.spec == P(None, "x")
+    assert jax.typeof(bits["odd"]).sharding.spec == P("x", None)
+    grads = jax.tree.map(lambda p: -p, params)
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+    assert (jax.tree.map(jax.typeof, new_state)
+            == jax.tree.map(jax.typeof, state))
+    for k in params:
+      assert jax.typeof(updates[k]).sharding.spec == jax.typeof(
+          params[k]).sharding.spec
+      np.testing.assert_array_equal(np.asarray(updates[k]) > 0, True)
+
+
+def test_nnx_optimizer_with_sign_memory_and_partitioned_params():
+  """nnx.Optimizer builds sign-memory ALIAS state for partitioned kernels
+  whose last axis is not a multiple of 8, with the kernels' rank."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    model = nnx.Linear(
+        6, 10, rngs=nnx.Rngs(0),
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                          (None, "model")))
+    optimizer = nnx.Optimizer(
+        model, optax_sign.alias_sign_sgd(memory="sign", tie="positive"),
+        wrt=nnx.Param)
+    bits = optimizer.opt_state[0].memory.signs.positive
+    assert bits["kernel"].shape == (6, 2)
+    assert bits["bias"].shape == (2,)
+
+    @nnx.jit
+    def step(model, optimizer, x):
+      grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+      optimizer.update(model, grads)
+
+    before = np.asarray(model.kernel[...])
+    step(model, optimizer, jnp.ones((3, 6)))
+    assert not np.array_equal(np.asarray(model.kernel[...]), before)
