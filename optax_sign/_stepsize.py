@@ -93,8 +93,17 @@ def _absent(tree: Any) -> bool:
   return isinstance(tree, optax.EmptyState)
 
 
-def _pmean(x: jax.Array, axis_name: AxisName) -> jax.Array:
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+def _worker_mean(x: jax.Array, axis_name: AxisName, alive: Any) -> jax.Array:
+  """The mean of ``x`` over the workers, over the live ones with ``alive``."""
+  if axis_name is None:
+    return x
+  if alive is None:
+    return jax.lax.pmean(x, axis_name)
+  n = _communication.axis_size(axis_name)
+  alive, own = _communication.alive_flags(alive, axis_name, n)
+  live = _communication.live_workers(axis_name, n, alive, own)
+  total = jax.lax.psum(jnp.where(own, x, jnp.zeros_like(x)), axis_name)
+  return total / jnp.maximum(live, 1.0)
 
 
 def _concrete_int(value: Any) -> Optional[int]:
@@ -197,7 +206,8 @@ class _Alias:
     return jax.tree.map(lambda s, x, d: s + wd * x if d else s, signs, x32,
                         self.decayed(params))
 
-  def direction(self, grads, params, buffer, t, signs=None) -> tuple:
+  def direction(self, grads, params, buffer, t, signs=None,
+                alive=None) -> tuple:
     """(g32, x32, new buffer, signs s_t, direction s_t + lambda x_t)."""
     g32 = optax.tree.cast(grads, _F32)
     x32 = optax.tree.cast(params, _F32) if self.has_decay else None
@@ -214,7 +224,7 @@ class _Alias:
       signs = jax.tree.map(lambda v: _sign.tie_sign(v, self.tie), source)
     elif signs is None:
       signs = optax.tree.cast(_communication.vote_signs(
-          source, self.axis_name, tie=self.tie), _F32)
+          source, self.axis_name, tie=self.tie, alive=alive), _F32)
     direction = signs
     if self.has_decay:
       direction = self.add_decay(signs, x32, params)
@@ -397,6 +407,35 @@ class _Alias:
                    else optax.EmptyState()))
 
   def update(self, updates, state, params, extra_args) -> tuple:
+    """One step; with ``alive=``, a dead worker's step (one worker) or its own
+    memory and momentum (several workers) stay as they were."""
+    new_updates, new_state = self.step(updates, state, params, extra_args)
+    alive = extra_args.get("alive")
+    if alive is None:
+      return new_updates, new_state
+    n = (1 if self.axis_name is None
+         else _communication.axis_size(self.axis_name))
+    _, own = _communication.alive_flags(alive, self.axis_name, n)
+    keep = lambda new, old: optax.tree.where(own, new, old)
+    if self.axis_name is None:
+      return (keep(new_updates, optax.tree.zeros_like(new_updates)),
+              keep(new_state, state))
+    memory = new_state.memory
+    if self.full:
+      memory = memory._replace(grad=keep(memory.grad, state.memory.grad))
+    return new_updates, new_state._replace(
+        memory=memory, direction=keep(new_state.direction, state.direction))
+
+  def share(self, stats, secant, extra_args) -> dict:
+    """The gradient scalars averaged over the (live) workers: one pmean."""
+    zero = jnp.zeros([], _F32)
+    local = jnp.stack([stats.get("g_delta", zero), stats.get("num", zero),
+                       self.f0(extra_args), stats["g_s"] if secant else zero,
+                       stats.get("g_x", zero)])
+    return dict(zip(("g_delta", "num", "f0", "g_s", "g_x"), jnp.unstack(
+        _worker_mean(local, self.axis_name, extra_args.get("alive")))))
+
+  def step(self, updates, state, params, extra_args) -> tuple:
     if self.has_decay and params is None:
       raise ValueError("scale_by_alias with weight_decay > 0 needs params: "
                        "call update(grads, state, params)")
@@ -404,7 +443,8 @@ class _Alias:
     prev_grads = extra_args.get("prev_grads")
     t, secant = state.count, not self.full and prev_grads is None
     buffer = state.direction.momentum if self.has_momentum else None
-    g32, x32, _, signs, direction = self.direction(updates, params, buffer, t)
+    g32, x32, _, signs, direction = self.direction(
+        updates, params, buffer, t, alive=extra_args.get("alive"))
     s_prev, delta = self.previous_step(state.memory, state.stepsize, x32,
                                        updates)
     del s_prev
@@ -423,12 +463,7 @@ class _Alias:
          None if self.axis_name is None else signs))
     g32, x32, buffer, signs, direction = self.direction(
         updates, params, buffer, t, voted)
-    zero = jnp.zeros([], _F32)
-    shared = dict(zip(("g_delta", "num", "f0", "g_s", "g_x"), jnp.unstack(
-        _pmean(jnp.stack([stats.get("g_delta", zero), stats.get("num", zero),
-                          self.f0(extra_args),
-                          stats["g_s"] if secant else zero,
-                          stats.get("g_x", zero)]), self.axis_name))))
+    shared = self.share(stats, secant, extra_args)
     gamma, eta, dist, estimator = self.estimate(state, stats, shared, t,
                                                 secant)
     new_updates, u32, bits = self.apply(gamma, signs, direction,
@@ -522,7 +557,10 @@ def scale_by_alias(
   ``distance="lower_bound"`` without ``initial_value``, only the first is
   used), ``prev_grads`` (same-batch estimator: the current batch's gradient
   at :math:`x_{t-k}`, see :func:`alias_previous_params`; replaces the stored
-  gradient in the numerator), and ``params`` (needed for weight decay).
+  gradient in the numerator), ``alive`` (this worker's flag or an ``(N,)``
+  mask: the vote and the averaged statistics leave dead workers out, a dead
+  worker keeps its own gradient memory and momentum; on one worker a dead
+  step is skipped) and ``params`` (needed for weight decay).
 
   All arguments but ``distance`` are keyword-only.
 

@@ -732,3 +732,51 @@ def test_multi_worker_shard_map_equals_vmap():
   np.testing.assert_allclose(xs_s, xs_v, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(st_s[-1].stepsize, st_v[-1].stepsize, rtol=1e-4)
   assert np.all(xs_s == xs_s[:, :1])
+
+
+def _alive_run(opt, steps, cs, alive, corrupt=None):
+  """vmap workers; worker ``corrupt`` (if any) sends NaN or huge gradients."""
+  n = cs.shape[0]
+
+  def worker(x, s, c, i, a):
+    v, g = jax.value_and_grad(_worker_loss)(x, c)
+    if corrupt is not None:
+      bad = jnp.full_like(g["x"], corrupt)
+      g = {"x": jnp.where(i == 0, bad, g["x"])}
+      v = jnp.where(i == 0, corrupt, v)
+    u, s = opt.update(g, s, x, value=v, alive=a)
+    return optax.apply_updates(x, u), s
+
+  x = {"x": jnp.zeros((n, _D))}
+  s = jax.vmap(opt.init)(x)
+  step = jax.jit(jax.vmap(worker, axis_name="w"))
+  for _ in range(steps):
+    x, s = step(x, s, jnp.asarray(cs), jnp.arange(n), alive)
+  return np.asarray(x["x"]), jax.tree.map(np.asarray, s)
+
+
+@pytest.mark.parametrize("memory", ["full", "sign"])
+@pytest.mark.parametrize("corrupt", [float("nan"), 1e6])
+@pytest.mark.parametrize("distance", ["gap", "lower_bound"])
+def test_multi_worker_alias_honours_alive(memory, corrupt, distance):
+  """A worker flagged dead (sending NaN or 1e6) changes nothing: the run
+  equals the same run without that worker; every worker stays finite."""
+  opt = optax_sign.scale_by_alias(distance, memory=memory, axis_name="w",
+                                  initial_stepsize=1e-3, momentum=0.5)
+  alive = jnp.array([False] + [True] * (_N - 1))
+  xs, st = _alive_run(opt, 30, _CS, alive, corrupt)
+  ref_xs, ref_st = _alive_run(opt, 30, _CS[1:], jnp.ones(_N - 1, bool))
+  assert np.all(np.isfinite(xs))
+  np.testing.assert_allclose(xs[1:], ref_xs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(st.stepsize[1:], ref_st.stepsize, rtol=1e-5)
+  assert np.all(st.stepsize > 1e-3)  # the estimator moved
+
+
+def test_one_worker_dead_step_is_skipped():
+  opt = optax_sign.alias_sign_sgd(momentum=0.5)
+  params = {"x": jnp.ones(4)}
+  state = opt.init(params)
+  grads = {"x": jnp.full(4, jnp.nan)}
+  updates, new_state = opt.update(grads, state, params, alive=jnp.bool_(False))
+  np.testing.assert_array_equal(updates["x"], 0.0)
+  jax.tree.map(np.testing.assert_array_equal, new_state, state)
