@@ -101,6 +101,7 @@ def _worker_mean(x: jax.Array, axis_name: AxisName, alive: Any) -> jax.Array:
     return jax.lax.pmean(x, axis_name)
   n = _communication.axis_size(axis_name)
   alive, own = _communication.alive_flags(alive, axis_name, n)
+  assert own is not None
   live = _communication.live_workers(axis_name, n, alive, own)
   total = jax.lax.psum(jnp.where(own, x, jnp.zeros_like(x)), axis_name)
   return total / jnp.maximum(live, 1.0)
