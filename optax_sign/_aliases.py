@@ -369,6 +369,7 @@ def model_averaging(inner_learning_rate: optax.ScalarOrSchedule,
 def alias_sign_sgd(
     distance: str = "gap",
     *,
+    learning_rate: optax.ScalarOrSchedule = 1.0,
     d0: float = 1e-6,
     f_lower: float = 0.0,
     initial_value: Optional[float] = None,
@@ -390,7 +391,7 @@ def alias_sign_sgd(
   r"""Sign-SGD without a learning rate: the ALIAS stepsize.
 
   .. math::
-    x_{t+1} = x_t - \gamma_t\big(\operatorname{tsign}(g_t) + \lambda x_t\big),
+    x_{t+1} = x_t - \alpha_t\gamma_t\big(\operatorname{tsign}(g_t) + \lambda x_t\big),
     \qquad \gamma_t = \sqrt{D_t / \eta_t}.
 
   ``chain(scale_by_alias(...))`` with the same arguments (see
@@ -406,6 +407,8 @@ def alias_sign_sgd(
 
   Args:
     distance: ``"gap"`` (Option I) or ``"lower_bound"`` (Option II).
+    learning_rate: a multiplier :math:`\alpha_t` (scalar or schedule) of
+      the ALIAS stepsize, 1 by default.
     d0: Option I floor of the distance estimate, > 0.
     f_lower: Option II lower bound of the loss.
     initial_value: Option II :math:`f(x_0)` (``None``: the first ``value=``).
@@ -440,7 +443,8 @@ def alias_sign_sgd(
     arXiv 2506.03725.
   """
   return optax.chain(_stepsize.scale_by_alias(
-      distance=distance, d0=d0, f_lower=f_lower, initial_value=initial_value,
+      distance=distance, learning_rate=learning_rate, d0=d0, f_lower=f_lower,
+      initial_value=initial_value,
       eta0=eta0, initial_stepsize=initial_stepsize, max_stepsize=max_stepsize,
       update_gap=update_gap, warmup_steps=warmup_steps,
       warmup_stepsize=warmup_stepsize, weight_decay=weight_decay, mask=mask,

@@ -76,11 +76,13 @@ class MomentumBuffer(NamedTuple):
 class AliasState(NamedTuple):
   """State of :func:`scale_by_alias`.
 
-  ``stepsize``, ``smoothness`` and ``distance`` are the fields to log, e.g.
+  ``stepsize``, ``applied_stepsize`` (times the learning rate),
+  ``smoothness`` and ``distance`` are the fields to log, e.g.
   ``optax.tree.get(state, "stepsize")``.
   """
   count: jax.Array  # type: ignore[assignment]  # int32: updates so far (t)
-  stepsize: jax.Array  # float32: gamma of the last update
+  stepsize: jax.Array  # float32: gamma of the last update (ALIAS's estimate)
+  applied_stepsize: jax.Array  # float32: alpha gamma, the step actually taken
   smoothness: jax.Array  # float32: eta, the sum of smoothness samples
   distance: jax.Array  # float32: D (d for "gap", f(x0) - f_lower else)
   last_update_norm: jax.Array  # float32: U = ||u_{t-1}||_inf
@@ -140,6 +142,7 @@ class _Alias:
   general path.
   """
   option2: bool
+  learning_rate: Any
   memory: str
   tie: str
   axis_name: AxisName
@@ -362,8 +365,17 @@ class _Alias:
 
   # -- the update -------------------------------------------------------------
 
+  def multiplier(self, gamma, t) -> jax.Array:
+    """The step actually taken, ``alpha_t gamma_t`` (``gamma_t`` for 1.0)."""
+    lr = self.learning_rate
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr == 1:
+      return gamma
+    lr = lr(t) if callable(lr) else lr
+    return (jnp.asarray(lr, _F32) * gamma).astype(_F32)
+
   def apply(self, gamma, signs, direction, u_inf, updates, x32, params):
-    """(updates u_t, float32 u_t, bits of s_t or EmptyState)."""
+    """(updates u_t, float32 u_t, bits of s_t or EmptyState); ``gamma`` is the
+    step actually taken."""
     bits = optax.EmptyState()
     if self.keep_bits:
       # The update reads the new bits instead of the gradient; a NaN
@@ -397,6 +409,7 @@ class _Alias:
     return AliasState(
         count=jnp.zeros([], jnp.int32),
         stepsize=zero,
+        applied_stepsize=zero,
         smoothness=jnp.asarray(self.eta0, _F32),
         distance=zero if self.option2 else jnp.asarray(self.d0, _F32),
         last_update_norm=zero,
@@ -446,8 +459,8 @@ class _Alias:
     buffer = state.direction.momentum if self.has_momentum else None
     g32, x32, _, signs, direction = self.direction(
         updates, params, buffer, t, alive=extra_args.get("alive"))
-    s_prev, delta = self.previous_step(state.memory, state.stepsize, x32,
-                                       updates)
+    s_prev, delta = self.previous_step(state.memory, state.applied_stepsize,
+                                       x32, updates)
     del s_prev
     ref = prev_grads if prev_grads is not None else (
         state.memory.grad if self.full else None)
@@ -467,16 +480,18 @@ class _Alias:
     shared = self.share(stats, secant, extra_args)
     gamma, eta, dist, estimator = self.estimate(state, stats, shared, t,
                                                 secant)
-    new_updates, u32, bits = self.apply(gamma, signs, direction,
+    step = self.multiplier(gamma, t)
+    new_updates, u32, bits = self.apply(step, signs, direction,
                                         stats["u_inf"], updates, x32, params)
-    inner = gamma * (shared["g_s"] + self.weight_decay * shared["g_x"]
-                     if self.has_decay else shared["g_s"])
+    inner = step * (shared["g_s"] + self.weight_decay * shared["g_x"]
+                    if self.has_decay else shared["g_s"])
     return new_updates, AliasState(
         count=optax.safe_increment(t),
         stepsize=gamma,
+        applied_stepsize=step,
         smoothness=eta.astype(_F32),
         distance=dist.astype(_F32),
-        last_update_norm=(gamma * stats["u_inf"]).astype(_F32),
+        last_update_norm=(step * stats["u_inf"]).astype(_F32),
         estimator=estimator,
         memory=self.remember(state.memory, updates, bits, u32, t, inner),
         direction=(MomentumBuffer(_sign.cast_like(buffer, state.direction.momentum))
@@ -496,6 +511,7 @@ def _shrink(gamma: jax.Array, rate: Any) -> jax.Array:
 def scale_by_alias(
     distance: str = "gap",
     *,
+    learning_rate: optax.ScalarOrSchedule = 1.0,
     d0: float = 1e-6,
     f_lower: float = 0.0,
     initial_value: Optional[float] = None,
@@ -530,7 +546,11 @@ def scale_by_alias(
   \gamma_{\max})` and
 
   .. math::
-    u_t = -\gamma_t\big(\operatorname{tsign}(g_t) + \lambda x_t\big).
+    u_t = -\alpha_t\gamma_t\big(\operatorname{tsign}(g_t) + \lambda x_t\big),
+
+  with :math:`\alpha_t` the ``learning_rate`` multiplier (1 by default; a
+  schedule, e.g. a warmup or a cosine decay, multiplies ALIAS's stepsize). The
+  statistics use the steps actually taken, :math:`\alpha_t\gamma_t`.
 
   Statistics are sampled and :math:`\gamma` recomputed every ``update_gap``
   steps after ``warmup_steps`` steps of plain Sign-SGD at
@@ -567,6 +587,8 @@ def scale_by_alias(
 
   Args:
     distance: ``"gap"`` (Option I) or ``"lower_bound"`` (Option II).
+    learning_rate: :math:`\alpha_t \ge 0`, a scalar or a schedule of the
+      step count multiplying the ALIAS stepsize.
     d0: Option I floor of the distance estimate, > 0.
     f_lower: Option II lower bound of the loss.
     initial_value: Option II :math:`f(x_0)`; if None it is taken from the
@@ -612,6 +634,7 @@ def scale_by_alias(
   """
 
   _checks.check_choice("distance", distance, DISTANCES)
+  _checks.check_nonnegative_or_schedule("learning_rate", learning_rate)
   _checks.check_choice("memory", memory, MEMORIES)
   _checks.check_tie(tie)
   _checks.check_positive("d0", d0)
@@ -632,7 +655,8 @@ def scale_by_alias(
     raise ValueError("memory='sign' requires update_gap=1 (a window of several "
                      f"steps is not representable in bits), got {update_gap}")
   alias = _Alias(
-      option2=distance == "lower_bound", memory=memory, tie=tie,
+      option2=distance == "lower_bound", learning_rate=learning_rate,
+      memory=memory, tie=tie,
       axis_name=axis_name, update_gap=update_gap, d0=d0, f_lower=f_lower,
       initial_value=initial_value, eta0=eta0,
       initial_stepsize=initial_stepsize, max_stepsize=max_stepsize,
@@ -698,7 +722,7 @@ def alias_previous_params(params: optax.Params,
   # Leaves in order, so that wrapped trees (Flax NNX ``Param`` parameters and
   # ``OptVariable`` states) combine as they are.
   x, treedef = jax.tree.flatten(params)
-  gamma = jax.tree.leaves(s.stepsize)[0]
+  gamma = jax.tree.leaves(s.applied_stepsize)[0]
   window = getattr(memory, "window", optax.EmptyState())
   if not _absent(window):  # x_t - x_{t-k} itself
     steps = jax.tree.leaves(window)

@@ -49,6 +49,10 @@ CASES = [
                          300, max_stepsize=max_stepsize, eta0=1.0,
                          warmup_fraction=0.0)),
                  {"max_stepsize": 0.02}),
+    harness.Case("alias_sign_sgd_learning_rate",
+                 lambda learning_rate: optax_sign.alias_sign_sgd(
+                     learning_rate=learning_rate, initial_stepsize=1e-2),
+                 {"learning_rate": 0.5}),
     harness.Case("alias_momentum",
                  lambda learning_rate, d0: optax_sign.scale_by_alias_momentum(
                      learning_rate, d0=d0),

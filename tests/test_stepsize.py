@@ -780,3 +780,33 @@ def test_one_worker_dead_step_is_skipped():
   updates, new_state = opt.update(grads, state, params, alive=jnp.bool_(False))
   np.testing.assert_array_equal(updates["x"], 0.0)
   jax.tree.map(np.testing.assert_array_equal, new_state, state)
+
+
+@pytest.mark.parametrize("memory,gap", [("full", 1), ("full", 3), ("sign", 1)])
+def test_learning_rate_multiplies_the_step_and_the_statistics_see_it(
+    memory, gap):
+  """u_t = -alpha_t gamma_t s_t; the smoothness samples and the previous
+  iterate are those of the steps actually taken."""
+  lr = optax.linear_schedule(0.2, 1.0, 8)
+  opt = optax_sign.scale_by_alias(learning_rate=lr, memory=memory,
+                                  update_gap=gap, initial_stepsize=1e-2,
+                                  weight_decay=0.01)
+  params, state = quad_params(), None
+  state = opt.init(params)
+  xs = [params["x"]]
+  for t in range(10):
+    g = jax.grad(quad_loss)(params)
+    u, new_state = opt.update(g, state, params)
+    gamma = float(new_state.stepsize)
+    np.testing.assert_allclose(float(new_state.applied_stepsize),
+                               float(lr(t)) * gamma, rtol=1e-6)
+    want = -float(lr(t)) * gamma * (np.sign(np.asarray(g["x"]))
+                                    + 0.01 * np.asarray(params["x"]))
+    np.testing.assert_allclose(u["x"], want, rtol=1e-5, atol=1e-9)
+    params, state = optax.apply_updates(params, u), new_state
+    xs.append(params["x"])
+    if gap == 1 and t >= 1:  # the rebuilt previous iterate is x_{t}
+      prev = optax_sign.alias_previous_params(params, state)
+      np.testing.assert_allclose(prev["x"], xs[-2], rtol=1e-5, atol=1e-7)
+  assert float(state.smoothness) > 0
+
