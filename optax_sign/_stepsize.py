@@ -59,6 +59,7 @@ class GradientMemory(NamedTuple):
   #   momentum), else optax.EmptyState()
   signs: Any  # SignBits of the voted direction (axis_name), else EmptyState
   tie: jax.Array  # int8: the tie policy's value of sign(0) (0, +1 or -1)
+  snapshot_step: jax.Array  # int32: t of the last snapshot (-k before any)
 
 
 class SignMemory(NamedTuple):
@@ -250,7 +251,8 @@ class _Alias:
         window=(optax.tree.zeros_like(params, dtype=_F32)
                 if self.has_window else optax.EmptyState()),
         signs=(signs if not self.has_window else optax.EmptyState()),
-        tie=jnp.asarray(_TIE_CODES[self.tie], jnp.int8))
+        tie=jnp.asarray(_TIE_CODES[self.tie], jnp.int8),
+        snapshot_step=-jnp.asarray(self.update_gap, jnp.int32))
 
   def previous_step(self, memory, gamma_prev, x32, like) -> tuple:
     """(s_{t-1}, Delta_t = x_t - x_{t-k}) from the memory."""
@@ -270,11 +272,16 @@ class _Alias:
         lambda s, x, d: -gamma_prev * (s + wd * x) / shrink if d
         else -gamma_prev * s, s_prev, x32, self.decayed(like))
 
-  def remember(self, memory, updates, bits, u32, t, inner) -> Any:
+  def due(self, memory, t) -> jax.Array:
+    """Whether a snapshot is due: ``k`` steps after the last one."""
+    if self.gap_one:
+      return jnp.asarray(True)
+    return t - memory.snapshot_step >= self.update_gap
+
+  def remember(self, memory, updates, bits, u32, t, inner, snap) -> Any:
     """The memory after the step (snapshot, window, bits, secant inner)."""
     if not self.full:
       return memory._replace(signs=bits, last_inner=inner.astype(_F32))
-    snap = t % self.update_gap == 0
     if self.gap_one:
       grad = _sign.cast_like(updates, memory.grad)
     else:
@@ -286,7 +293,9 @@ class _Alias:
       window = jax.tree.map(lambda w, u: jnp.where(snap, 0.0, w) + u,
                             memory.window, u32)
       bits = optax.EmptyState()
-    return memory._replace(grad=grad, window=window, signs=bits)
+    return memory._replace(
+        grad=grad, window=window, signs=bits,
+        snapshot_step=jnp.where(snap, t, memory.snapshot_step))
 
   # -- statistics -------------------------------------------------------------
 
@@ -328,7 +337,7 @@ class _Alias:
 
   # -- estimator --------------------------------------------------------------
 
-  def estimate(self, state, stats, shared, t, secant) -> tuple:
+  def estimate(self, state, stats, shared, t, secant, sample) -> tuple:
     """(gamma_t, eta_t, D_t, estimator state) from the step's statistics."""
     g_delta, num, f0 = shared["g_delta"], shared["num"], shared["f0"]
     den = state.last_update_norm if self.gap_one else stats["den"]
@@ -337,7 +346,6 @@ class _Alias:
     else:
       l_hat = jnp.maximum((state.memory.last_inner + g_delta)
                           / jnp.where(den > 0, den * den, 1.0), 0.)
-    sample = (t > self.warmup_steps) & (t % self.update_gap == 0)
     ok = sample & (den > 0) & jnp.isfinite(l_hat)
     eta = state.smoothness + jnp.where(ok, l_hat, 0.0)
     estimator: Union[GapState, LowerBoundState]
@@ -478,8 +486,14 @@ class _Alias:
     g32, x32, buffer, signs, direction = self.direction(
         updates, params, buffer, t, voted)
     shared = self.share(stats, secant, extra_args)
+    due = self.due(state.memory, t)
+    sample = (t > self.warmup_steps) & due
     gamma, eta, dist, estimator = self.estimate(state, stats, shared, t,
-                                                secant)
+                                                secant, sample)
+    # A zero k-step difference (the iterates came back, e.g. a period-2 orbit
+    # with an even k) keeps the snapshot, so the next difference spans more
+    # steps: the estimator never stops for good.
+    snap = due if self.gap_one else due & ~(sample & (stats["den"] <= 0))
     step = self.multiplier(gamma, t)
     new_updates, u32, bits = self.apply(step, signs, direction,
                                         stats["u_inf"], updates, x32, params)
@@ -493,7 +507,8 @@ class _Alias:
         distance=dist.astype(_F32),
         last_update_norm=(step * stats["u_inf"]).astype(_F32),
         estimator=estimator,
-        memory=self.remember(state.memory, updates, bits, u32, t, inner),
+        memory=self.remember(state.memory, updates, bits, u32, t, inner,
+                             snap),
         direction=(MomentumBuffer(_sign.cast_like(buffer, state.direction.momentum))
                    if self.has_momentum else state.direction))
 
