@@ -442,3 +442,9 @@ def test_multi_worker_sign_entries_agree_across_workers():
     if name == "mean_of_signs":
       np.testing.assert_allclose(out[0], -0.01 * np.array([1.0, 1 / 3, 1 / 3]),
                                  rtol=1e-6)
+
+
+def test_help_states_the_real_defaults():
+  text = " ".join(cli.parser().format_help().split())
+  assert ("default: " + " ".join(opt_lib.DEFAULT_SINGLE) + ";") in text
+  assert " ".join(opt_lib.DEFAULT_MULTI) in text

@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
                  "logreg mlp)")
   p.add_argument("--optimizers", "-o", nargs="*", default=None,
                  help="optimizers run at their default (or --lr) learning "
-                 "rate; see --list (default: alias adamw; with --workers > 1: "
+                 "rate; see --list (default: "
+                 + " ".join(opt_lib.DEFAULT_SINGLE) + "; with --workers > 1: "
                  + " ".join(opt_lib.DEFAULT_MULTI) + ")")
   p.add_argument("--grid", nargs="*", default=None,
                  help="baselines whose learning rate is tuned over a log grid "
