@@ -50,6 +50,7 @@ class GapState(NamedTuple):
 class LowerBoundState(NamedTuple):
   """Option II's distance."""
   f_diff: jax.Array  # float32: max(f(x_0) - f_lower, 0)
+  measured: jax.Array  # bool: f(x_0) was taken (the first finite value=)
 
 
 class GradientMemory(NamedTuple):
@@ -350,9 +351,12 @@ class _Alias:
     eta = state.smoothness + jnp.where(ok, l_hat, 0.0)
     estimator: Union[GapState, LowerBoundState]
     if self.option2:
-      f_diff = jnp.where(t == 0, jnp.maximum(f0 - self.f_lower, 0.0),
+      # f(x_0) is the first finite loss: a NaN or inf first value= waits.
+      take = ~state.estimator.measured & jnp.isfinite(f0)
+      f_diff = jnp.where(take, jnp.maximum(f0 - self.f_lower, 0.0),
                          state.estimator.f_diff)
-      estimator = LowerBoundState(f_diff=f_diff.astype(_F32))
+      estimator = LowerBoundState(f_diff=f_diff.astype(_F32),
+                                  measured=state.estimator.measured | take)
       dist = f_diff
     else:
       d_tilde = state.estimator.d_tilde + jnp.where(sample, -g_delta, 0.0)
@@ -421,7 +425,9 @@ class _Alias:
         smoothness=jnp.asarray(self.eta0, _F32),
         distance=zero if self.option2 else jnp.asarray(self.d0, _F32),
         last_update_norm=zero,
-        estimator=(LowerBoundState(f_diff=zero) if self.option2
+        estimator=(LowerBoundState(f_diff=zero,
+                                   measured=jnp.zeros([], bool))
+                   if self.option2
                    else GapState(d_tilde=zero)),
         memory=self.init_memory(params),
         direction=(MomentumBuffer(optax.tree.zeros_like(

@@ -834,3 +834,22 @@ def test_update_gap_never_freezes(gap):
   # Sampling every k steps is slower: within 5x of gap 1 at the same step.
   assert got[-1] <= 5.0 * ref[-1], (got[-1], ref[-1])
   assert got[1000] < got[100]  # still moving after the first hundred steps
+
+
+def test_non_finite_first_loss_waits_for_a_finite_one():
+  """Option II takes f(x_0) from the first finite value=: a NaN first loss
+  no longer makes every later update NaN."""
+  opt = optax_sign.alias_sign_sgd("lower_bound", f_lower=-20.0,
+                                  initial_stepsize=1e-2)
+  params = quad_params()
+  state = opt.init(params)
+  step = jax.jit(lambda p, s, v: opt.update(jax.grad(quad_loss)(p), s, p,
+                                            value=v))
+  for t in range(40):
+    value = jnp.float32(jnp.nan) if t == 0 else quad_loss(params)
+    updates, state = step(params, state, value)
+    assert np.all(np.isfinite(np.asarray(updates["x"])))
+    params = optax.apply_updates(params, updates)
+  # f(x_0) is the loss at the second call (after one initial step).
+  assert float(state[0].estimator.f_diff) > 19.0
+  assert float(quad_loss(params)) < float(quad_loss(quad_params())) - 1.0
