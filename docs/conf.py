@@ -42,9 +42,12 @@ root_doc = "index"
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 
-# Notebooks are rendered as stored (they are kept without outputs; the tests
-# execute them).
-nb_execution_mode = "off"
+# The notebooks are stored without outputs (the tests execute them at a small
+# size); the docs build runs them at full size, so their pages show outputs.
+nb_execution_mode = "force"
+nb_execution_in_temp = True
+nb_execution_timeout = 600
+nb_execution_raise_on_error = True
 
 # Autodoc: the Google-style docstrings of the library.
 autodoc_member_order = "bysource"
