@@ -105,6 +105,7 @@ def scale_by_alias_momentum(
     return jnp.asarray(value, _F32)
 
   def init_fn(params):
+    _checks.check_float_params(params)
     return AliasMomentumState(
         count=jnp.zeros([], jnp.int32),
         distance=scalars(params, d0),

@@ -181,3 +181,18 @@ def warn_misspelled(extra_args: Mapping[str, Any]) -> None:
       warnings.warn(
           f"update() got the extra argument {name!r}, which no optax_sign "
           f"transformation reads; did you mean {close[0]!r}?", stacklevel=3)
+
+
+def check_float_params(params: Any) -> None:
+  """Raises ``TypeError`` if every leaf of ``params`` is an integer array.
+
+  Sign updates of integer parameters round to zero when they are applied, so
+  training would silently stand still.
+  """
+  leaves = jax.tree.leaves(params)
+  dtypes = {jnp.dtype(x.dtype) for x in leaves if hasattr(x, "dtype")}
+  if dtypes and not any(jnp.issubdtype(d, jnp.inexact) for d in dtypes):
+    raise TypeError(
+        "optax_sign updates floating-point parameters; every leaf of params "
+        f"is an integer or boolean array ({', '.join(sorted(map(str, dtypes)))})"
+        ": cast them to a float dtype, or leave them out with optax.masked")

@@ -503,6 +503,7 @@ def _aggregator(aggregate, axis_name, transport, tie, allowed):
   _checks.check_choice("transport", transport, allowed)
 
   def init_fn(params):
+    _checks.check_float_params(params)
     del params
     return SignAggregationState(count=jnp.zeros((), jnp.int32),
                                 bytes_sent=jnp.zeros((), jnp.float32))

@@ -181,6 +181,7 @@ def scale_by_error_feedback_sign(
   state_dtype = _checks.check_float_dtype("state_dtype", state_dtype)
 
   def init_fn(params):
+    _checks.check_float_params(params)
     return ErrorFeedbackState(
         error=optax.tree.zeros_like(params, dtype=state_dtype))
 

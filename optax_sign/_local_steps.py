@@ -160,6 +160,7 @@ def local_steps(
     _checks.check_nonnegative("inner_learning_rate", inner_learning_rate)
 
   def init_fn(params):
+    _checks.check_float_params(params)
     # Abstract parameters (jax.ShapeDtypeStruct) give an abstract anchor.
     anchor = jax.tree.map(_anchor_leaf, params)
     return LocalStepsState(

@@ -65,6 +65,7 @@ def scale_by_sign(tie: str = "zero") -> optax.GradientTransformationExtraArgs:
   _checks.check_tie(tie)
 
   def init_fn(params):
+    _checks.check_float_params(params)
     del params
     return optax.EmptyState()
 
@@ -129,6 +130,7 @@ def scale_by_randomized_sign(
   _checks.check_positive("bound", bound)
 
   def init_fn(params):
+    _checks.check_float_params(params)
     del params
     return RandomizedSignState(key=_sharding.on_context_mesh(key))
 
@@ -202,6 +204,7 @@ def scale_by_lion_momentum(
   mu_dtype = _checks.check_float_dtype("mu_dtype", mu_dtype)
 
   def init_fn(params):
+    _checks.check_float_params(params)
     return LionMomentumState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
   def update_fn(updates, state, params=None, **extra_args):

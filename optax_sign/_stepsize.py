@@ -417,6 +417,7 @@ class _Alias:
     return _scalar_loss(extra_args["value"])
 
   def init(self, params) -> AliasState:
+    _checks.check_float_params(params)
     zero = jnp.zeros([], _F32)
     return AliasState(
         count=jnp.zeros([], jnp.int32),

@@ -118,3 +118,15 @@ def test_mask_default_decays_matrices_only():
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.5)
   np.testing.assert_allclose(updates["b"], 0.0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optax_sign.sign_sgd(0.1), lambda: optax_sign.lion_like(0.1),
+    lambda: optax_sign.alias_sign_sgd(), lambda: optax_sign.majority_vote(None),
+    lambda: optax_sign.scale_by_error_feedback_sign(),
+    lambda: optax_sign.dsm_ls(0.1)], ids=["sign_sgd", "lion_like", "alias",
+                                          "vote", "ef", "dsm_ls"])
+def test_integer_only_params_are_refused(make):
+  with pytest.raises(TypeError, match=r"integer or boolean array \(int32\)"):
+    make().init({"a": jnp.arange(3), "b": jnp.zeros(2, jnp.int32)})
+  make().init({"a": jnp.arange(3), "b": jnp.zeros(2)})  # mixed trees are fine
