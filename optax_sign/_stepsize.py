@@ -255,21 +255,22 @@ class _Alias:
         tie=jnp.asarray(_TIE_CODES[self.tie], jnp.int8),
         snapshot_step=-jnp.asarray(self.update_gap, jnp.int32))
 
-  def previous_step(self, memory, gamma_prev, x32, like) -> tuple:
-    """(s_{t-1}, Delta_t = x_t - x_{t-k}) from the memory."""
+  def previous_step(self, memory, gamma_prev, x32, like) -> Any:
+    """Delta_t = x_t - x_{t-k} from the memory (the window, or the previous
+    step rebuilt from the stored direction)."""
     if self.has_window:
-      return None, memory.window
+      return memory.window
     if self.keep_bits:
       s_prev = _bits.unpack_signs(memory.signs, like)
     else:
       s_prev = jax.tree.map(lambda g: _sign.tie_sign(g.astype(_F32), self.tie),
                             memory.grad)
     if not self.has_decay:
-      return s_prev, jax.tree.map(lambda s: -gamma_prev * s, s_prev)
+      return jax.tree.map(lambda s: -gamma_prev * s, s_prev)
     # Sign memory with decay: rebuild u_{t-1} from x_t.
     wd = self.weight_decay
     shrink = _shrink(gamma_prev, wd)
-    return s_prev, jax.tree.map(
+    return jax.tree.map(
         lambda s, x, d: -gamma_prev * (s + wd * x) / shrink if d
         else -gamma_prev * s, s_prev, x32, self.decayed(like))
 
@@ -474,9 +475,8 @@ class _Alias:
     buffer = state.direction.momentum if self.has_momentum else None
     g32, x32, _, signs, direction = self.direction(
         updates, params, buffer, t, alive=extra_args.get("alive"))
-    s_prev, delta = self.previous_step(state.memory, state.applied_stepsize,
-                                       x32, updates)
-    del s_prev
+    delta = self.previous_step(state.memory, state.applied_stepsize, x32,
+                               updates)
     ref = prev_grads if prev_grads is not None else (
         state.memory.grad if self.full else None)
     stats = self.statistics(g32, x32, signs, direction, delta, ref, secant,
