@@ -100,6 +100,11 @@ def _value_and_grad(fun, axis_name, argnums, single, has_aux, mesh, args,
   mesh = _sharding.find_mesh(mesh, args, axis_name)
   for i in argnums:
     _sharding.check_replicated(args[i], axis_name, f"argument {i}, leaf")
+  if dict(zip(mesh.axis_names, mesh.axis_types))[axis_name] == (
+      jax.sharding.AxisType.Explicit):
+    args = tuple(a if i in argnums or i in whole else jax.tree.map(
+        lambda x: _split_over(x, mesh, axis_name), a)
+                 for i, a in enumerate(args))
   split = lambda x: P(axis_name) if jnp.ndim(x) else P()
   specs = tuple(
       jax.tree.map(lambda _: P(), a) if i in argnums or i in whole
@@ -129,6 +134,16 @@ def _value_and_grad(fun, axis_name, argnums, single, has_aux, mesh, args,
   return jax.sharding.auto_axes(
       region, axes=explicit,
       out_sharding=(stacked(()), grads_sharding))(*args)
+
+
+def _split_over(x: Any, mesh: Any, axis_name: Any) -> Any:
+  """A batch leaf laid out ``P(axis_name, ...)`` over an Explicit worker axis
+  (a replicated batch is sliced where it lies; shard_map would refuse it)."""
+  spec = _sharding.spec_of(x)
+  if not jnp.ndim(x) or spec[0] == axis_name:
+    return x
+  rest = tuple(None if e == axis_name else e for e in spec[1:])
+  return jax.sharding.reshard(x, NamedSharding(mesh, P(axis_name, *rest)))
 
 
 def _module_value_and_grad(fun, axis_name, argnums, single, has_aux, mesh,

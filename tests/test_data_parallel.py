@@ -524,3 +524,30 @@ def test_nnx_alias_on_a_one_axis_mesh(kind):
       last = float(train_step(model, optimizer, x, y))
   assert last < 0.05 * first, (first, last)
   assert np.asarray(optax.tree.get(optimizer.opt_state, "stepsize")).shape == ()
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_replicated_batch_is_split_over_an_explicit_worker_axis(jit):
+  """A batch not yet laid out over the worker axis (a host array, or
+  replicated) is split where it lies instead of a raw shard_map error."""
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
+                       axis_types=(AxisType.Explicit,))
+
+  def loss(p, b):
+    return jnp.mean((b @ p["w"]) ** 2)
+
+  rows = np.arange(24.0, dtype=np.float32).reshape(8, 3)
+  with jax.set_mesh(mesh):
+    params = {"w": jnp.ones(3)}
+    fn = optax_sign.worker_value_and_grad(loss, "data")
+    fn = jax.jit(fn) if jit else fn
+    placed = jax.device_put(rows, NamedSharding(mesh, P("data")))
+    want, want_grads = fn(params, placed)
+    for batch in (rows, jnp.asarray(rows)):
+      got, grads = fn(params, batch)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+      np.testing.assert_array_equal(np.asarray(grads["w"]),
+                                    np.asarray(want_grads["w"]))
+  np.testing.assert_allclose(
+      np.asarray(want), [np.mean(rows[2 * i:2 * i + 2].sum(1) ** 2)
+                         for i in range(4)], rtol=1e-6)
