@@ -13,9 +13,11 @@ suboptimality (``docs/algorithms/alias.md``). :func:`scale_by_alias` combines
 * an **estimator**: Option I (the gap :math:`d_t`) or Option II (the lower
   bound :math:`f(x_0) - \\tilde f`), with warmup, cap and hold between samples.
 
-Every statistic of a step comes from one fused float32 reduction over the
-leaves (:func:`optax_sign._reduce.global_reduce`) and, across workers, one
-``pmean`` of five scalars.
+Every statistic of a step is a vectorised float32 reduction per leaf, fused
+with its elementwise producers (:func:`optax_sign._reduce.global_reduce`;
+sums against stored signs read the packed bits,
+:func:`optax_sign._bits.signed_sums`) and, across workers, one ``pmean`` of
+five scalars.
 """
 
 import dataclasses
@@ -35,6 +37,7 @@ AxisName = Union[str, Sequence[str], None]
 DISTANCES = ("gap", "lower_bound")
 MEMORIES = ("full", "sign")
 _F32 = jnp.float32
+_EPS32 = float(jnp.finfo(jnp.float32).eps)
 _TIE_CODES = {"zero": 0, "positive": 1, "negative": -1}
 
 
@@ -255,24 +258,32 @@ class _Alias:
         tie=jnp.asarray(_TIE_CODES[self.tie], jnp.int8),
         snapshot_step=-jnp.asarray(self.update_gap, jnp.int32))
 
-  def previous_step(self, memory, gamma_prev, x32, like) -> Any:
-    """Delta_t = x_t - x_{t-k} from the memory (the window, or the previous
-    step rebuilt from the stored direction)."""
+  def previous_inner(self, memory, gamma_prev, g32, x32, like) -> Any:
+    """``<g_t, Delta_t>`` per leaf, ``Delta_t = x_t - x_{t-k}`` from the memory
+    (the window, or the previous step rebuilt from the stored direction).
+
+    The step's scalars multiply the leaves' sums, not the parameter-sized
+    products, so each reduction reads only arrays (see
+    :mod:`optax_sign._reduce`).
+    """
     if self.has_window:
-      return memory.window
+      return jax.tree.map(jnp.multiply, g32, memory.window)
     if self.keep_bits:
-      s_prev = _bits.unpack_signs(memory.signs, like)
+      inner = _bits.signed_sums(memory.signs, g32)
     else:
-      s_prev = jax.tree.map(lambda g: _sign.tie_sign(g.astype(_F32), self.tie),
-                            memory.grad)
+      inner = [jnp.sum(g * _sign.reduced_tie_sign(m.astype(_F32), self.tie, i))
+               for i, (g, m) in enumerate(zip(jax.tree.leaves(g32),
+                                              jax.tree.leaves(memory.grad)))]
     if not self.has_decay:
-      return jax.tree.map(lambda s: -gamma_prev * s, s_prev)
-    # Sign memory with decay: rebuild u_{t-1} from x_t.
+      return [-gamma_prev * v for v in inner]
+    # Sign memory with decay: u_{t-1} = -gamma (s + lambda x_t) / (1 - gamma
+    # lambda) on the decayed leaves.
     wd = self.weight_decay
-    shrink = _shrink(gamma_prev, wd)
-    return jax.tree.map(
-        lambda s, x, d: -gamma_prev * (s + wd * x) / shrink if d
-        else -gamma_prev * s, s_prev, x32, self.decayed(like))
+    shrunk = -gamma_prev / _shrink(gamma_prev, wd)
+    return [shrunk * (v + wd * jnp.sum(g * x)) if d else -gamma_prev * v
+            for v, g, x, d in zip(inner, jax.tree.leaves(g32),
+                                  jax.tree.leaves(x32),
+                                  jax.tree.leaves(self.decayed(like)))]
 
   def due(self, memory, t) -> jax.Array:
     """Whether a snapshot is due: ``k`` steps after the last one."""
@@ -301,18 +312,22 @@ class _Alias:
 
   # -- statistics -------------------------------------------------------------
 
-  def statistics(self, g32, x32, signs, direction, delta, ref, secant,
-                 like) -> dict:
-    """The step's sums and maxima, from one fused reduction (per worker)."""
-    mult = lambda a, b: jax.tree.map(jnp.multiply, a, b)
+  def statistics(self, g32, x32, signs, bits, direction, g_delta, window,
+                 ref, secant, like) -> dict:
+    """The step's sums and maxima (per worker); ``g_delta`` is
+    :meth:`previous_inner`'s."""
     terms = {}
     if secant or not self.option2:
-      terms["g_delta"] = ("sum", mult(g32, delta))
+      terms["g_delta"] = ("sum", g_delta)
     if ref is not None:
       terms["num"] = ("sum", jax.tree.map(
           lambda g, p: jnp.abs(g - p.astype(_F32)), g32, ref))
-    if secant or self.plain_sign:
-      terms["g_s"] = ("sum", mult(g32, signs))
+    if secant:
+      # <g_t, s_t> from the bits, as the next step's <g_{t+1}, s_t> will be:
+      # equal gradients then give exactly a zero difference.
+      terms["g_s"] = ("sum", _bits.signed_sums(bits, g32, salt=2**12))
+    elif self.plain_sign:  # <g, tsign(g)> = ||g||_1, exactly
+      terms["g_s"] = ("sum", jax.tree.map(jnp.abs, g32))
     if not self.plain_sign:
       terms["u_inf"] = ("max", jax.tree.map(jnp.abs, direction))
     if secant and self.has_decay:
@@ -320,11 +335,11 @@ class _Alias:
           lambda g, x, d: g * x if d else jnp.zeros_like(g), g32, x32,
           self.decayed(like)))
     if not self.gap_one:
-      terms["den"] = ("max", jax.tree.map(jnp.abs, delta))
+      terms["den"] = ("max", jax.tree.map(jnp.abs, window))
     stats = dict(zip(terms, _reduce.global_reduce(
         list(terms.values()), _communication.axis_names(self.axis_name))))
     if self.axis_name is not None:
-      # The maxima read only voted (shared) values, but the fused reduction
+      # The maxima read only voted (shared) values, but the reductions
       # types them as per worker; one exact scalar pmax makes them shared.
       maxima = [m for m in ("u_inf", "den") if m in stats]
       shared = jax.lax.pmax(jnp.stack([stats[m] for m in maxima]),
@@ -346,8 +361,14 @@ class _Alias:
     if not secant:
       l_hat = num / jnp.where(den > 0, den, 1.0)
     else:
-      l_hat = jnp.maximum((state.memory.last_inner + g_delta)
-                          / jnp.where(den > 0, den * den, 1.0), 0.)
+      # <g_{t-1} - g_t, Delta_t> as a difference of two inner products: a
+      # difference within their float32 rounding (the gradients did not
+      # measurably change) is no curvature sample, and counts as zero.
+      last = state.memory.last_inner
+      diff = last + g_delta
+      noise = _EPS32 * (jnp.abs(last) + jnp.abs(g_delta))
+      diff = jnp.where(jnp.abs(diff) <= noise, 0.0, diff)
+      l_hat = jnp.maximum(diff / jnp.where(den > 0, den * den, 1.0), 0.)
     ok = sample & (den > 0) & jnp.isfinite(l_hat)
     eta = state.smoothness + jnp.where(ok, l_hat, 0.0)
     estimator: Union[GapState, LowerBoundState]
@@ -386,23 +407,20 @@ class _Alias:
     lr = lr(t) if callable(lr) else lr
     return (jnp.asarray(lr, _F32) * gamma).astype(_F32)
 
-  def apply(self, gamma, signs, direction, u_inf, updates, x32, params):
-    """(updates u_t, float32 u_t, bits of s_t or EmptyState); ``gamma`` is the
-    step actually taken."""
-    bits = optax.EmptyState()
+  def apply(self, gamma, bits, direction, one, updates, x32, params):
+    """(updates u_t, float32 u_t); ``gamma`` is the step actually taken."""
     if self.keep_bits:
-      # The update reads the new bits instead of the gradient; a NaN
-      # direction then makes the whole update NaN (it is never hidden).
-      bits = _bits.pack_signs(signs, self.tie)
+      # The update reads the new bits instead of the gradient; ``one`` (NaN
+      # if a statistic is) then makes the whole update NaN, never hidden.
       applied = _bits.unpack_signs(bits, updates)
       if self.has_decay:
         applied = self.add_decay(applied, x32, params)
-      scale = jnp.where(jnp.isnan(u_inf), jnp.nan, gamma)
+      scale = gamma * one
     else:
       applied, scale = direction, gamma
     u32 = jax.tree.map(lambda s: -scale * s, applied)
     new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), u32, updates)
-    return new_updates, u32, bits
+    return new_updates, u32
 
   def f0(self, extra_args) -> jax.Array:
     """Option II's f(x_0) (only the first call's value is used)."""
@@ -443,9 +461,7 @@ class _Alias:
     alive = extra_args.get("alive")
     if alive is None:
       return new_updates, new_state
-    n = (1 if self.axis_name is None
-         else _communication.axis_size(self.axis_name))
-    _, own = _communication.alive_flags(alive, self.axis_name, n)
+    own = self.own_flag(alive)
     keep = lambda new, old: optax.tree.where(own, new, old)
     if self.axis_name is None:
       return (keep(new_updates, optax.tree.zeros_like(new_updates)),
@@ -455,6 +471,12 @@ class _Alias:
       memory = memory._replace(grad=keep(memory.grad, state.memory.grad))
     return new_updates, new_state._replace(
         memory=memory, direction=keep(new_state.direction, state.direction))
+
+  def own_flag(self, alive: Any) -> Optional[jax.Array]:
+    """This worker's own alive flag (None without ``alive=``)."""
+    n = (1 if self.axis_name is None
+         else _communication.axis_size(self.axis_name))
+    return _communication.alive_flags(alive, self.axis_name, n)[1]
 
   def share(self, stats, secant, extra_args) -> dict:
     """The gradient scalars averaged over the (live) workers: one pmean."""
@@ -470,26 +492,46 @@ class _Alias:
       raise ValueError("scale_by_alias with weight_decay > 0 needs params: "
                        "call update(grads, state, params)")
     _checks.warn_misspelled(extra_args)
+    # Every pass reads the same gradient values: XLA may not recompute a
+    # cheap producer inside a reduction (contracted into FMAs there), which
+    # would make differences of nearly equal gradients depend on fusion.
+    updates = jax.lax.optimization_barrier(updates)
     prev_grads = extra_args.get("prev_grads")
     t, secant = state.count, not self.full and prev_grads is None
     buffer = state.direction.momentum if self.has_momentum else None
     g32, x32, _, signs, direction = self.direction(
         updates, params, buffer, t, alive=extra_args.get("alive"))
-    delta = self.previous_step(state.memory, state.applied_stepsize, x32,
-                               updates)
+    g_delta = self.previous_inner(state.memory, state.applied_stepsize, g32,
+                                  x32, updates)
     ref = prev_grads if prev_grads is not None else (
         state.memory.grad if self.full else None)
-    stats = self.statistics(g32, x32, signs, direction, delta, ref, secant,
+    # The new signs are packed first: the statistics and the update read the
+    # bits, so the gradient's signs are taken once.
+    bits = (_bits.pack_signs(signs, self.tie) if self.keep_bits
+            else optax.EmptyState())
+    stats = self.statistics(g32, x32, signs, bits, direction, g_delta,
+                            getattr(state.memory, "window", None), ref, secant,
                             updates)
-    # The new state is built from inputs tied to the scalars by a product with
-    # one (NaN if the direction has a NaN: the update is NaN then anyway), so
-    # XLA updates the donated state buffers in place after the reduction has
-    # read them instead of copying them first.
-    one = jnp.where(jnp.isnan(stats["u_inf"]), jnp.nan, 1.0)
-    updates, params, buffer, voted = jax.tree.map(
-        lambda x: x * one.astype(x.dtype),
-        (updates, params if self.has_decay else None, buffer,
-         None if self.axis_name is None else signs))
+    # The new state is built from inputs tied to every scalar by a product
+    # with one, so XLA writes the donated state buffers in place after all the
+    # reductions have read them instead of copying them first. One is NaN if
+    # a statistic is (a NaN direction, memory or prev_grads): the update is
+    # then NaN, for apply_if_finite to skip. With workers, the per-worker
+    # inputs are tied to this worker's own statistics (a dead worker's NaN
+    # stays out), the shared ones to the shared maxima: a NaN statistic of a
+    # live worker reaches every worker through the averaged scalars.
+    nan_in = lambda values: jnp.any(jnp.isnan(jnp.stack(values)))
+    own = self.own_flag(extra_args.get("alive"))
+    local = nan_in(list(stats.values()))
+    local = local if own is None else local & own
+    common = nan_in([stats[m] for m in ("u_inf", "den") if m in stats])
+    one = jnp.where(local if self.axis_name is None else common, jnp.nan, 1.)
+    mine = jnp.where(local | common, jnp.nan, 1.0)
+    tie = lambda x, c: x * c.astype(x.dtype)
+    updates, buffer = jax.tree.map(lambda x: tie(x, mine), (updates, buffer))
+    params, voted = jax.tree.map(lambda x: tie(x, one), (
+        params if self.has_decay else None,
+        None if self.axis_name is None else signs))
     g32, x32, buffer, signs, direction = self.direction(
         updates, params, buffer, t, voted)
     shared = self.share(stats, secant, extra_args)
@@ -502,8 +544,8 @@ class _Alias:
     # steps: the estimator never stops for good.
     snap = due if self.gap_one else due & ~(sample & (stats["den"] <= 0))
     step = self.multiplier(gamma, t)
-    new_updates, u32, bits = self.apply(step, signs, direction,
-                                        stats["u_inf"], updates, x32, params)
+    new_updates, u32 = self.apply(step, bits, direction, one, updates, x32,
+                                  params)
     inner = step * (shared["g_s"] + self.weight_decay * shared["g_x"]
                     if self.has_decay else shared["g_s"])
     return new_updates, AliasState(

@@ -60,11 +60,19 @@ CASES = [
 ]
 
 
+# Option I's first curvature sample is a difference of two gradients 1e-6
+# apart: XLA fuses the harness's gradient into the statistics and contracts
+# it into FMAs as each compilation sees fit (jit or not, hyperparameters
+# injected or constant), which moves that sample by ~2e-4 (float32 rounding of
+# a cancellation); the iterates then agree to ~3e-5, and so do the last
+# gradients (small near the optimum) stored in the state.
 DEFAULTS = [
-    harness.Default("alias_sign_sgd", optax_sign.alias_sign_sgd),
+    harness.Default("alias_sign_sgd", optax_sign.alias_sign_sgd,
+                    rounding_tol=(1e-3, 1e-4)),
     harness.Default("alias_sign_sgd_released",
                     optax_sign.alias_sign_sgd_released, (40,)),
-    harness.Default("scale_by_alias", optax_sign.scale_by_alias),
+    harness.Default("scale_by_alias", optax_sign.scale_by_alias,
+                    rounding_tol=(1e-3, 1e-4)),
     harness.Default("scale_by_alias_momentum",
                     optax_sign.scale_by_alias_momentum),
 ]

@@ -49,12 +49,16 @@ class Default:
     kwargs: required keyword arguments (an argument that is optional in the
       signature but required by the defaults of another).
     steps: steps to run (long enough to cross a sync or a warmup).
+    rounding_tol: (rtol, atol) between two compilations of the same run
+      (jit or not, hyperparameters injected or constant): float32 rounding,
+      compounded by the optimizer.
   """
   name: str
   factory: Callable[..., optax.GradientTransformation]
   args: Tuple[Any, ...] = ()
   kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
   steps: int = 13
+  rounding_tol: Tuple[float, float] = (1e-5, 1e-6)
 
 
 def _gather(attribute: str) -> list:

@@ -22,7 +22,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def run_cli(capsys, tmp_path, *args):
   """Runs the CLI in-process; returns (stdout, results.json as a dict)."""
   out = tmp_path / "out"
-  code = cli.main(["--tiny", "--no-progress", "--out", str(out), *args])
+  code = cli.main(["--tiny", "--no-progress", "--no-compile-cache", "--out",
+                   str(out), *args])
   assert code == 0
   stdout = capsys.readouterr().out
   with open(out / "results.json", encoding="utf-8") as f:

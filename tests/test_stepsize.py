@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import optax_sign
+from optax_sign import _bits
 
 # ---------------------------------------------------------------------------
 # Problems.
@@ -428,7 +429,9 @@ def test_sign_bits_hold_the_applied_direction(tie):
 def test_sign_bits_round_trip_for_every_shape(tie):
   # Last axis a multiple of 8 (packed in place), not (flattened and padded),
   # a scalar and an empty leaf.
-  shapes = {"a": (2, 3, 40), "b": (5, 24), "c": (13,), "d": (), "e": (3, 0)}
+  # Last axes with runs of 32, 2 and 8 coordinates per bit position.
+  shapes = {"a": (2, 3, 40), "b": (5, 24), "c": (13,), "d": (), "e": (3, 0),
+            "f": (3, 256), "g": (48,), "h": (2, 64)}
   keys = jax.random.split(jax.random.key(3), len(shapes))
   g = {n: jnp.round(jax.random.normal(k, s)) for (n, s), k in
        zip(shapes.items(), keys)}  # rounding leaves exact zeros
@@ -442,13 +445,53 @@ def test_sign_bits_round_trip_for_every_shape(tie):
     np.testing.assert_allclose(prev[n], signs * float(state.stepsize))
 
 
+@pytest.mark.parametrize("tie", ["zero", "positive"])
+def test_signed_sums_match_a_float64_reference(tie):
+  # <x, s> from packed bits (the reduction form of the ALIAS statistics) vs
+  # float64, on a 4M-coordinate leaf (the serial float32 sum this replaced
+  # was off by 0.75 % at 10M) and small odd leaves.
+  shapes = {"big": (1024, 4096), "odd": (7, 13), "run2": (48,)}
+  keys = jax.random.split(jax.random.key(5), 2 * len(shapes))
+  signs = {n: optax_sign.tie_sign(jnp.round(jax.random.normal(k, s)), tie)
+           for (n, s), k in zip(shapes.items(), keys)}
+  x = {n: jax.random.normal(k, s) + 0.1
+       for (n, s), k in zip(shapes.items(), keys[len(shapes):])}
+  bits = _bits.pack_signs(signs, tie)
+  sums = jax.jit(_bits.signed_sums)(bits, x)
+  for total, n in zip(sums, shapes):
+    ref = np.sum(np.asarray(x[n], np.float64) * np.asarray(signs[n]))
+    assert abs(float(total) - ref) <= 1e-5 * np.sum(np.abs(np.asarray(
+        x[n], np.float64)))
+
+
+def test_smoothness_sample_of_a_large_leaf_matches_float64():
+  # L_1 = ||g_1 - g_0||_1 / ||x_1 - x_0||_inf on one 4M-coordinate leaf: the
+  # fused serial float32 sum this replaced was 0.75 % low at 10M.
+  shape = (1024, 4096)
+  g0, g1 = (jax.random.normal(k, shape) + 0.5 for k in jax.random.split(
+      jax.random.key(6)))
+  opt = optax_sign.scale_by_alias(memory="full", eta0=0.0)
+  params = {"w": jnp.zeros(shape)}
+  update = jax.jit(opt.update)
+  _, first = update({"w": g0}, opt.init(params), params)
+  _, state = update({"w": g1}, first, params)
+  ref = np.sum(np.abs(np.asarray(g1, np.float64) - np.asarray(g0, np.float64)))
+  ref /= float(first.last_update_norm)  # ||x_1 - x_0||_inf = gamma_0
+  assert float(state.smoothness) == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("tie", ["positive", "zero"])
 @pytest.mark.parametrize("memory", ["full", "sign"])
-def test_step_allocates_no_parameter_sized_temporary(memory):
-  # Structure of the compiled step, not a timing: the scalars come from one
-  # fused reduction and the donated state is updated in place, so XLA needs
-  # no temporary buffer of the size of the parameters.
-  params = {"w": jnp.zeros((256, 1024)), "b": jnp.zeros(1024)}
-  opt = optax_sign.alias_sign_sgd(memory=memory, tie="positive")
+def test_step_allocates_no_parameter_sized_temporary(memory, tie):
+  # Structure of the compiled step, not a timing: every statistic is a
+  # reduction fused with its producers and the donated state is updated in
+  # place, so XLA needs no temporary buffer of the size of the parameters
+  # (with sign memory, only the new packed bits, 1/32 of the parameters' bytes
+  # per plane, before they replace the old ones). Equally shaped leaves, as
+  # in a Transformer, are where XLA would share (and materialise) constants.
+  params = {"w1": jnp.zeros((256, 1024)), "w2": jnp.zeros((256, 1024)),
+            "w3": jnp.zeros((256, 1024)), "b": jnp.zeros(1024)}
+  opt = optax_sign.alias_sign_sgd(memory=memory, tie=tie)
 
   def step(p, s, g):
     u, s = opt.update(g, s, p)
@@ -460,7 +503,9 @@ def test_step_allocates_no_parameter_sized_temporary(memory):
   if memory_stats is None:
     pytest.skip("no memory analysis on this backend")
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  assert memory_stats.temp_size_in_bytes < 0.05 * param_bytes
+  planes = (2 if tie == "zero" else 1) if memory == "sign" else 0
+  bits = planes * param_bytes / 32
+  assert memory_stats.temp_size_in_bytes < 0.01 * param_bytes + 2 * bits
 
 
 # ---------------------------------------------------------------------------
@@ -767,7 +812,9 @@ def test_multi_worker_alias_honours_alive(memory, corrupt, distance):
   xs, st = _alive_run(opt, 30, _CS, alive, corrupt)
   ref_xs, ref_st = _alive_run(opt, 30, _CS[1:], jnp.ones(_N - 1, bool))
   assert np.all(np.isfinite(xs))
-  np.testing.assert_allclose(xs[1:], ref_xs, rtol=1e-5, atol=1e-6)
+  # Equal up to the summation order of the mean over the live workers (a
+  # masked sum of 8 vs a sum of 7), compounded over 30 steps.
+  np.testing.assert_allclose(xs[1:], ref_xs, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(st.stepsize[1:], ref_st.stepsize, rtol=1e-5)
   assert np.all(st.stepsize > 1e-3)  # the estimator moved
 

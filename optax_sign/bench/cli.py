@@ -10,15 +10,25 @@ Examples::
   python -m optax_sign.bench --list
 
 Every run prints a table, writes ``results.json`` and one PNG per task into
-``--out``, and shows a progress bar.
+``--out``, and shows a progress bar. It ends with the time spent compiling
+and the time spent in training steps.
+
+Compiled programs go to JAX's persistent compilation cache
+(:func:`default_compile_cache`, or ``--compile-cache DIR``), so a second run
+of the same tasks and optimizers loads them instead of compiling them again;
+``--no-compile-cache`` compiles everything afresh.
 """
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
 import time
-from typing import NoReturn, Optional, Sequence
+from typing import Any, Iterator, NoReturn, Optional, Sequence
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from optax_sign.bench import data as data_lib
 from optax_sign.bench import optimizers as opt_lib
@@ -91,9 +101,85 @@ def parser() -> argparse.ArgumentParser:
                  help="tiny data, models and steps (for tests and smoke runs)")
   p.add_argument("--no-progress", action="store_true",
                  help="hide the progress bars")
+  cache = p.add_mutually_exclusive_group()
+  cache.add_argument("--compile-cache", metavar="DIR",
+                     default=default_compile_cache(),
+                     help="folder of JAX's persistent compilation cache: a "
+                     "later run of the same tasks and optimizers loads its "
+                     "programs from there instead of compiling them "
+                     "(default: $JAX_COMPILATION_CACHE_DIR if set, else "
+                     "$XDG_CACHE_HOME/optax_sign/jax or "
+                     "~/.cache/optax_sign/jax; here %(default)s)")
+  cache.add_argument("--no-compile-cache", action="store_true",
+                     help="compile every program afresh, without the "
+                     "persistent compilation cache")
   p.add_argument("--list", action="store_true",
                  help="list the optimizers and exit")
   return p
+
+
+def default_compile_cache() -> str:
+  """The default folder of the persistent compilation cache.
+
+  JAX's own ``$JAX_COMPILATION_CACHE_DIR`` when it is set, else
+  ``$XDG_CACHE_HOME/optax_sign/jax``, else ``~/.cache/optax_sign/jax``.
+  """
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  base = (os.environ.get("XDG_CACHE_HOME")
+          or os.path.join(os.path.expanduser("~"), ".cache"))
+  return os.path.join(base, "optax_sign", "jax")
+
+
+def _apply_settings(settings: dict) -> None:
+  # JAX opens its cache at the first compilation that uses it: reset it so
+  # that the next compilation follows the new settings.
+  compilation_cache.reset_cache()
+  for name, value in settings.items():
+    jax.config.update(name, value)
+
+
+@contextlib.contextmanager
+def compile_cache(path: Optional[str]) -> Iterator[None]:
+  """Uses JAX's persistent compilation cache in ``path`` within the block.
+
+  ``path=None`` turns the persistent cache off instead. Every program is
+  cached, however small and quick to compile (JAX's defaults skip programs
+  compiled in under a second, which are all of this benchmark's on CPU). The
+  previous settings come back on exit: a program calling :func:`main` keeps
+  its own, and importing the package changes none.
+  """
+  settings: dict[str, Any]
+  if path is None:
+    settings = {"jax_enable_compilation_cache": False}
+  else:
+    settings = {"jax_enable_compilation_cache": True,
+                "jax_compilation_cache_dir": path,
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": -1}
+  saved = {name: getattr(jax.config, name) for name in settings}
+  _apply_settings(settings)
+  try:
+    yield
+  finally:
+    _apply_settings(saved)
+
+
+def _cache_dir(args) -> Optional[str]:
+  """The cache folder to use (None: none), created if need be.
+
+  A folder that cannot be created only costs the cache: the run goes on
+  without it, with a warning.
+  """
+  if args.no_compile_cache:
+    return None
+  try:
+    os.makedirs(args.compile_cache, exist_ok=True)
+  except OSError as e:
+    print(f"optax-sign-bench: warning: no compilation cache ({e})",
+          file=sys.stderr)
+    return None
+  return args.compile_cache
 
 
 def list_optimizers() -> str:
@@ -219,13 +305,8 @@ def run_task(args, name: str, plain, tuned, mesh, lrs: dict, out: str):
   return rows, grids, task
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Entry point of ``python -m optax_sign.bench`` and ``optax-sign-bench``."""
-  require_extras()
-  args = parser().parse_args(argv)
-  if args.list:
-    print(list_optimizers())
-    return 0
+def _check(args) -> None:
+  """Exits with a clear message on a bad value (before any work)."""
   if args.workers < 1:
     _fail("--workers must be >= 1")
   if args.steps is not None and args.steps < 1:
@@ -243,6 +324,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _fail("--data applies to one task: pass exactly one --task")
   if args.data is not None and not os.path.exists(args.data):
     _fail(f"data path {args.data!r} does not exist")
+
+
+def _run_tasks(args, plain, tuned, lrs: dict):
+  """Runs every task; returns (results by task, seconds of training steps)."""
+  from optax_sign.bench import distributed  # pylint: disable=g-import-not-at-top
+  from optax_sign.bench import report  # pylint: disable=g-import-not-at-top
+  mesh = None
+  if args.workers > 1:
+    try:
+      mesh = distributed.make_mesh(args.workers)
+    except ValueError as e:
+      _fail(str(e))
+  results, train_seconds = {}, 0.0
+  for name in args.task:
+    rows, grids, task = run_task(args, name, plain, tuned, mesh, lrs,
+                                 args.out)
+    results[name] = {"description": task.description,
+                     "num_params": task.num_params,
+                     **report.to_dict(rows, grids)}
+    train_seconds += report.train_seconds(rows, grids)
+  return results, train_seconds
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Entry point of ``python -m optax_sign.bench`` and ``optax-sign-bench``."""
+  require_extras()
+  args = parser().parse_args(argv)
+  if args.list:
+    print(list_optimizers())
+    return 0
+  _check(args)
   multi = args.workers > 1
   if multi:
     from optax_sign.bench import distributed  # pylint: disable=g-import-not-at-top
@@ -256,25 +368,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _fail(f"cannot create output folder {args.out!r}: {e}")
 
   from optax_sign.bench import report  # pylint: disable=g-import-not-at-top
-  mesh = None
-  if multi:
-    try:
-      mesh = distributed.make_mesh(args.workers)
-    except ValueError as e:
-      _fail(str(e))
-  start = time.perf_counter()
-  results = {}
-  for name in args.task:
-    rows, grids, task = run_task(args, name, plain, tuned, mesh, lrs,
-                                 args.out)
-    results[name] = {"description": task.description,
-                     "num_params": task.num_params,
-                     **report.to_dict(rows, grids)}
+  from optax_sign.bench import runner  # pylint: disable=g-import-not-at-top
+  cache = _cache_dir(args)
+  with compile_cache(cache), runner.CompileClock() as clock:
+    start = time.perf_counter()
+    results, train_seconds = _run_tasks(args, plain, tuned, lrs)
+    timing = report.timing(time.perf_counter() - start, clock, train_seconds,
+                           cache)
   config = {k: v for k, v in vars(args).items() if k != "list"}
   config["lr"] = lrs
   path = os.path.join(args.out, "results.json")
-  report.write_json(path, config, results)
-  print(f"\nresults: {path} (total {time.perf_counter() - start:.1f} s)")
+  report.write_json(path, config, results, timing)
+  print(f"\nresults: {path}")
+  print(report.timing_summary(timing), flush=True)
   return 0
 
 

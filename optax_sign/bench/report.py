@@ -5,6 +5,8 @@ side by side, the task's held-out metrics at the end of the run (``test
 loss``, ``test acc``, ``val loss``). A grid's best run is the one with the
 lowest final *training* loss (:data:`GRID_SELECTION`): the held-out data is
 never used to tune, so its metrics stay honest estimates for every row.
+The run's time splits into compilation, training steps and the rest
+(:func:`timing`).
 """
 
 import dataclasses
@@ -12,7 +14,7 @@ import json
 import math
 import os
 import platform
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 
@@ -162,8 +164,46 @@ def machine() -> dict:
           "cpu_count": os.cpu_count()}
 
 
-def write_json(path: str, config: dict, results: dict) -> None:
+def train_seconds(rows: Sequence[Row], grids: Sequence[Grid] = ()) -> float:
+  """Seconds of timed training steps of one task, every run counted once."""
+  runs = {id(row.run): row.run for row in rows}
+  runs.update((id(run), run) for grid in grids for run in grid.runs)
+  return sum(run.total_seconds for run in runs.values())
+
+
+def timing(total: float, clock: "runner.CompileClock", train: float,
+           cache_dir: Optional[str] = None) -> dict:
+  """Where the seconds of a benchmark run went (the ``timing`` of the JSON).
+
+  ``compile_seconds``: JAX tracing, lowering and compiling (or loading from
+  the persistent cache) every program; ``train_seconds``: the timed training
+  steps (:func:`train_seconds` summed over the tasks); ``other_seconds``: the
+  rest (data, initialization, evaluation, plots).
+  """
+  return {"total_seconds": total, "compile_seconds": clock.seconds,
+          "train_seconds": train,
+          "other_seconds": total - clock.seconds - train,
+          "programs": clock.programs, "compiled": clock.compiled,
+          "cache_hits": clock.cache_hits, "compile_cache": cache_dir}
+
+
+def timing_summary(t: dict) -> str:
+  """Two lines on :func:`timing`: the split of the time, and the cache."""
+  cache = (f"compile cache: {t['compile_cache']}" if t["compile_cache"]
+           else "compile cache: off")
+  return (f"time: {t['total_seconds']:.1f} s = compile "
+          f"{t['compile_seconds']:.1f} s ({t['programs']} programs: "
+          f"{t['compiled']} compiled, {t['cache_hits']} from the cache) + "
+          f"training steps {t['train_seconds']:.1f} s + other "
+          f"{t['other_seconds']:.1f} s (data, evaluation, plots)\n{cache}")
+
+
+def write_json(path: str, config: dict, results: dict,
+               timing_info: Optional[dict] = None) -> None:
+  """``results.json``: the settings, the machine, the results and the timing."""
   payload = {"config": config, "machine": machine(), "results": results}
+  if timing_info is not None:
+    payload["timing"] = timing_info
   with open(path, "w", encoding="utf-8") as f:
     json.dump(_finite(payload), f, indent=1)
 

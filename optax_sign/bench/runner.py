@@ -6,7 +6,8 @@ records the objective, the wall time of the steps (compilation and
 evaluation excluded), the stepsize when the optimizer state has a
 ``stepsize`` field, the cumulative bytes on the wire for multi-worker runs,
 and the task's held-out metrics (``test_loss``, ``test_accuracy``,
-``val_loss``) at the same points.
+``val_loss``) at the same points. :class:`CompileClock` adds up the time JAX
+spends compiling, whatever compiles.
 """
 
 import dataclasses
@@ -22,6 +23,58 @@ import optax
 import optax_sign
 from optax_sign.bench import optimizers as opt_lib
 from optax_sign.bench import tasks as task_lib
+
+# jax.monitoring events of one top-level compilation: tracing to a jaxpr,
+# lowering to StableHLO, and XLA's compile (or the load of the executable from
+# the persistent compilation cache, which also records a cache hit).
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+class CompileClock:
+  """Adds up JAX's compilations while it is active (a context manager).
+
+  Every program counts: jitted steps and evaluations, and the one-operation
+  programs of eager calls.
+
+  Attributes:
+    seconds: time spent tracing, lowering and compiling programs (or loading
+      them from the persistent compilation cache).
+    programs: the number of programs compiled or loaded.
+    cache_hits: how many of them the persistent compilation cache supplied.
+  """
+
+  def __init__(self):
+    self.seconds = 0.0
+    self.programs = 0
+    self.cache_hits = 0
+
+  def _on_duration(self, event: str, duration_secs: float,
+                   **kwargs: str | int) -> None:
+    del kwargs
+    if event in COMPILE_EVENTS:
+      self.seconds += duration_secs
+      self.programs += event == COMPILE_EVENTS[-1]
+
+  def _on_event(self, event: str, **kwargs: str | int) -> None:
+    del kwargs
+    self.cache_hits += event == CACHE_HIT_EVENT
+
+  @property
+  def compiled(self) -> int:
+    """Programs XLA compiled afresh (not loaded from the cache)."""
+    return self.programs - self.cache_hits
+
+  def __enter__(self) -> "CompileClock":
+    jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+    jax.monitoring.register_event_listener(self._on_event)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._on_duration)
+    jax.monitoring.unregister_event_listener(self._on_event)
 
 
 @dataclasses.dataclass
@@ -174,6 +227,8 @@ def train(stepper: Stepper, run: Run, steps: int, seed: int,
   run.bytes_per_step = stepper.bytes_per_step
   run.sync_every = stepper.sync_every
   base_key = jax.random.key(seed)
+  # fold_in runs eagerly in the loop: compile it now, not in the timed steps.
+  jax.random.fold_in(base_key, 0)
 
   def record(t, elapsed):
     value = stepper.evaluate(params, state)

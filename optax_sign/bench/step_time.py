@@ -52,6 +52,9 @@ def _optimizers():
       "alias_sign_sgd (full)": (optax_sign.alias_sign_sgd(), {}),
       "alias_sign_sgd (sign, tie=positive)": (optax_sign.alias_sign_sgd(
           memory="sign", tie="positive"), {}),
+      "alias_sign_sgd (sign, tie=zero)": (optax_sign.alias_sign_sgd(
+          memory="sign", tie="zero"), {}),
+      "optax.sign_sgd": (optax.sign_sgd(1e-3), {}),
       "optax.lion": (optax.lion(1e-4), {}),
       "optax.adam": (optax.adam(1e-3), {}),
       "optax.adamw": (optax.adamw(1e-3), {}),
@@ -89,6 +92,11 @@ def _compiled_stats(step, args, n):
   return accessed / n, temp / n
 
 
+def _selected(name: str, only) -> bool:
+  always = ("copy floor", "optax.lion", "optax.adamw")
+  return only is None or name in always or any(t in name for t in only)
+
+
 def main(argv=None) -> Dict[str, Dict[str, float]]:
   """Prints a table and returns, per optimizer, "ms" (median), "min_ms",
   "vs_lion", "vs_adamw", "vs_copy", "bytes_per_param" (state), "accessed_per_param" and
@@ -96,12 +104,18 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--params", type=float, default=50e6)
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument(
+      "--only", nargs="*", default=None, metavar="TEXT",
+      help="time only the optimizers whose names contain one of these "
+      "texts (the copy floor, optax.lion and optax.adamw always run)")
   args = parser.parse_args(argv)
   params = _tree(args.params)
   n = sum(x.size for x in jax.tree.leaves(params))
   grads = jax.tree.map(lambda x: 1e-3 * x + 1e-4, params)
   runs, results = {}, {}
   for name, (opt, extra) in _optimizers().items():
+    if not _selected(name, args.only):
+      continue
     step = _step_fn(opt, extra)
     state = () if opt is None else jax.tree.map(jnp.copy, opt.init(params))
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
