@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 
 import jax
 
+from optax_sign.bench import report as bench_report
+
 STEP_TIME_JSON = "step_time.json"
 WIRE_JSON = "wire.json"
 TRAIN_JSON = os.path.join("train", "results.json")
@@ -40,20 +42,9 @@ def device_info() -> dict:
           "device_kind": devices[0].device_kind, "jax": jax.__version__}
 
 
-def _finite(obj):
-  """JSON has no NaN or inf: they become null."""
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  if isinstance(obj, dict):
-    return {k: _finite(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_finite(v) for v in obj]
-  return obj
-
-
 def _write_json(path: str, payload: dict) -> None:
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(_finite(payload), f, indent=1)
+    json.dump(bench_report.json_safe(payload), f, indent=1)
 
 
 def _read_json(path: str) -> Optional[dict]:

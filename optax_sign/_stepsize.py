@@ -22,9 +22,11 @@ five scalars.
 
 import dataclasses
 from typing import Any, NamedTuple, Optional, Sequence, Union
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_sign import _bits
@@ -38,6 +40,27 @@ DISTANCES = ("gap", "lower_bound")
 MEMORIES = ("full", "sign")
 _F32 = jnp.float32
 _EPS32 = float(jnp.finfo(jnp.float32).eps)
+_MAX_DOUBLINGS = 20  # of initial_stepsize while no curvature is measured
+_STALL_STEP = 200  # when a stepsize still near its initial value is reported
+_stall_warned = False
+
+
+def _warn_stall(stalled: Any, gamma: Any, initial: Any) -> None:
+  """Host side of :meth:`_Alias.check_stall`: warns once per process (under
+  ``vmap`` the call comes every step, with the flags of every worker)."""
+  global _stall_warned
+  if _stall_warned or not np.any(stalled):
+    return
+  _stall_warned = True
+  gamma = float(np.max(gamma))
+  warnings.warn(
+      f"ALIAS: after {_STALL_STEP} steps the stepsize is {gamma:.3g}, below "
+      f"its initial value {float(np.max(initial)):.3g}, so training has "
+      "barely moved. On mini-batch gradients the different-batch curvature "
+      "sample is mostly noise: pass prev_grads= (the same-batch estimator, "
+      "see alias_previous_params) or use distance='lower_bound' with value=; "
+      "see the 'Mini-batches' section of docs/algorithms/alias.md.",
+      RuntimeWarning, stacklevel=2)
 _TIE_CODES = {"zero": 0, "positive": 1, "negative": -1}
 
 
@@ -385,7 +408,7 @@ class _Alias:
       estimator = GapState(d_tilde=d_tilde.astype(_F32))
       dist = jnp.maximum(state.distance, d_tilde)
     gamma = jnp.where(eta > 0, jnp.sqrt(dist / jnp.where(eta > 0, eta, 1.0)),
-                      jnp.asarray(self.initial_stepsize, _F32))
+                      self.first_steps(state.stepsize, t, den > 0))
     if self.max_stepsize is not None:
       gamma = jnp.minimum(gamma, self.max_stepsize)
     recompute = (t == self.warmup_steps) | sample
@@ -396,6 +419,23 @@ class _Alias:
               else self.warmup_stepsize)
       gamma = jnp.where(t < self.warmup_steps, jnp.asarray(warm, _F32), gamma)
     return gamma.astype(_F32), eta, dist, estimator
+
+  def first_steps(self, gamma_prev: jax.Array, t: jax.Array,
+                  moved: jax.Array) -> jax.Array:
+    """The stepsize while no curvature has been measured (eta = 0).
+
+    ``initial_stepsize``, doubled after every step that moved (``moved``)
+    and still measured none, up to ``2^20`` times: a step that rounds away
+    in the parameters' dtype (bf16, or float32 of magnitude >= 32) or that
+    leaves the gradient unchanged at its resolution grows until it is seen,
+    whatever the scale of the parameters and the loss. Float32 unit-scale
+    runs measure curvature at the first sample and never double; zero
+    gradients (no step) do not double either.
+    """
+    start = jnp.asarray(self.initial_stepsize, _F32)
+    grown = jnp.minimum(2.0 * gamma_prev, start * 2.0**_MAX_DOUBLINGS)
+    doubled = (t > self.warmup_steps) & (gamma_prev > 0)
+    return jnp.where(doubled, jnp.where(moved, grown, gamma_prev), start)
 
   # -- the update -------------------------------------------------------------
 
@@ -458,6 +498,7 @@ class _Alias:
     """One step; with ``alive=``, a dead worker's step (one worker) or its own
     memory and momentum (several workers) stay as they were."""
     new_updates, new_state = self.step(updates, state, params, extra_args)
+    self.check_stall(state.count, new_state.stepsize)
     alive = extra_args.get("alive")
     if alive is None:
       return new_updates, new_state
@@ -471,6 +512,20 @@ class _Alias:
       memory = memory._replace(grad=keep(memory.grad, state.memory.grad))
     return new_updates, new_state._replace(
         memory=memory, direction=keep(new_state.direction, state.direction))
+
+  def check_stall(self, t: jax.Array, gamma: jax.Array) -> None:
+    """Warns once (from the host, at step 200) if the stepsize has fallen
+    below ``initial_stepsize`` (and any cap): ALIAS has stalled (on
+    mini-batches, the different-batch estimator settles far below it).
+    Outside ``shard_map`` only."""
+    initial = jnp.asarray(self.initial_stepsize, _F32)
+    if self.max_stepsize is not None:
+      initial = jnp.minimum(initial, self.max_stepsize)
+    stalled = (t == _STALL_STEP) & (gamma < initial)
+    if jax.sharding.get_abstract_mesh().manual_axes:
+      return  # shard_map cannot call back with values on Explicit axes
+    jax.lax.cond(stalled, lambda *a: jax.debug.callback(_warn_stall, *a),
+                 lambda *a: None, stalled, gamma, initial)
 
   def own_flag(self, alive: Any) -> Optional[jax.Array]:
     """This worker's own alive flag (None without ``alive=``)."""
@@ -619,7 +674,10 @@ def scale_by_alias(
   Statistics are sampled and :math:`\gamma` recomputed every ``update_gap``
   steps after ``warmup_steps`` steps of plain Sign-SGD at
   ``warmup_stepsize``; :math:`\gamma` is held in between. A zero iterate
-  difference skips the sample, :math:`\eta = 0` gives ``initial_stepsize``, and
+  difference skips the sample, :math:`\eta = 0` gives ``initial_stepsize``
+  (doubled after every step that moved while :math:`\eta` stays 0, at most
+  :math:`2^{20}` times: a first step that rounds away in bf16 or around
+  large parameters grows until curvature is measured), and
   :math:`f(x_0) \le \tilde f` gives :math:`\gamma = 0` (``f_lower`` must lie
   below the attainable loss), so no NaN or inf ever reaches the parameters.
 
@@ -658,7 +716,9 @@ def scale_by_alias(
     initial_value: Option II :math:`f(x_0)`; if None it is taken from the
       first ``value=``.
     eta0: initial smoothness accumulator, >= 0.
-    initial_stepsize: stepsize used at a recompute while :math:`\eta = 0`.
+    initial_stepsize: stepsize used at a recompute while :math:`\eta = 0`
+      (then doubled after each step that moved, see above); a stepsize still
+      below it at step 200 warns once (ALIAS has stalled).
     max_stepsize: optional cap on :math:`\gamma`.
     update_gap: :math:`k \ge 1`; must be 1 for ``memory="sign"``.
     warmup_steps: steps of plain Sign-SGD before ALIAS starts.

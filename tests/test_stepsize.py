@@ -1,6 +1,7 @@
 """Tests of the ALIAS stepsizes (spec/alias.md section 14)."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -900,3 +901,80 @@ def test_non_finite_first_loss_waits_for_a_finite_one():
   # f(x_0) is the loss at the second call (after one initial step).
   assert float(state[0].estimator.f_diff) > 19.0
   assert float(quad_loss(params)) < float(quad_loss(quad_params())) - 1.0
+
+
+# ---------------------------------------------------------------------------
+# Scale-free start and the stall warning.
+
+
+def _final_loss(opt, dtype=jnp.float32, shift=0.0, steps=300):
+  params = {"x": (jnp.zeros(_D) + shift).astype(dtype)}
+  loss = lambda p: quad_loss({"x": p["x"].astype(jnp.float32) - shift})
+  _, fs, _ = trajectory(opt, loss, params, steps)
+  return float(fs[-1])
+
+
+@pytest.mark.parametrize("memory", ["full", "sign"])
+@pytest.mark.parametrize("distance", ["gap", "lower_bound"])
+def test_bf16_and_large_parameters_train_like_float32(memory, distance):
+  # A 1e-6 first step rounds away in bf16 and in float32 around 100: no
+  # curvature is measured, so the first steps double until one is; before,
+  # ALIAS stayed at its initial stepsize for good (loss 0.0 -> 0.0).
+  opt = lambda: optax_sign.scale_by_alias(distance, memory=memory,
+                                          f_lower=F_STAR - 1.0)
+  reference = _final_loss(opt())
+  for kwargs in ({"dtype": jnp.bfloat16}, {"shift": 100.0}):
+    got = _final_loss(opt(), **kwargs)
+    assert abs(got - reference) <= 0.02 * abs(reference), kwargs
+
+
+def test_unit_scale_float32_never_doubles():
+  # The doubling only runs while no curvature is measured: on a float32
+  # unit-scale problem the first sample measures it, the trajectory is the
+  # paper's.
+  opt = optax_sign.scale_by_alias(memory="full")
+  _, _, st = trajectory(opt, quad_loss, quad_params(), 3)
+  assert float(st.stepsize[1]) == pytest.approx(1e-6)
+  assert float(st.smoothness[2]) > 0
+
+
+def _minibatch_least_squares(opt, steps):
+  rng = np.random.RandomState(0)
+  a = rng.randn(2000, 50).astype(np.float32)
+  y = a @ rng.randn(50).astype(np.float32) + rng.randn(2000).astype(np.float32)
+  a, y = jnp.asarray(a), jnp.asarray(y)
+
+  @jax.jit
+  def step(p, s, i):
+    idx = jax.random.randint(jax.random.key(i), (32,), 0, 2000)
+    v, g = jax.value_and_grad(
+        lambda p: jnp.mean((a[idx] @ p["w"] - y[idx]) ** 2))(p)
+    u, s = opt.update(g, s, p, value=v)
+    return optax.apply_updates(p, u), s
+
+  p = {"w": jnp.zeros(50)}
+  s = opt.init(p)
+  for i in range(steps):
+    p, s = step(p, s, i)
+  jax.block_until_ready(p)
+
+
+def test_stalled_stepsize_warns_once_with_the_remedy(monkeypatch):
+  # The default (different-batch) estimator on mini-batches stays near its
+  # initial stepsize: one RuntimeWarning at step 200 names the remedy.
+  from optax_sign import _stepsize  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_stepsize, "_stall_warned", False)
+  with pytest.warns(RuntimeWarning, match="prev_grads=") as record:
+    _minibatch_least_squares(optax_sign.alias_sign_sgd(), 260)
+  assert sum("ALIAS: after 200 steps" in str(w.message) for w in record) == 1
+
+
+def test_no_stall_warning_when_alias_moves(monkeypatch):
+  from optax_sign import _stepsize  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_stepsize, "_stall_warned", False)
+  opt = optax_sign.scale_by_alias()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)
+    _, _, st = trajectory(opt, quad_loss, quad_params(), 210)
+    jax.block_until_ready(st)
+  assert float(st.stepsize[-1]) > 1e-3

@@ -205,19 +205,19 @@ def write_json(path: str, config: dict, results: dict,
   if timing_info is not None:
     payload["timing"] = timing_info
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(_finite(payload), f, indent=1)
+    json.dump(json_safe(payload), f, indent=1)
 
 
-def _finite(obj):
+def json_safe(obj):
   """JSON has no NaN or inf: they become null."""
   if isinstance(obj, float) and not math.isfinite(obj):
     return None
   if isinstance(obj, dict):
-    return {k: _finite(v) for k, v in obj.items()}
+    return {k: json_safe(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_finite(v) for v in obj]
+    return [json_safe(v) for v in obj]
   if isinstance(obj, runner.Run):
-    return _finite(dataclasses.asdict(obj))
+    return json_safe(dataclasses.asdict(obj))
   return obj
 
 
