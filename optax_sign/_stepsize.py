@@ -547,10 +547,6 @@ class _Alias:
       raise ValueError("scale_by_alias with weight_decay > 0 needs params: "
                        "call update(grads, state, params)")
     _checks.warn_misspelled(extra_args)
-    # Every pass reads the same gradient values: XLA may not recompute a
-    # cheap producer inside a reduction (contracted into FMAs there), which
-    # would make differences of nearly equal gradients depend on fusion.
-    updates = jax.lax.optimization_barrier(updates)
     prev_grads = extra_args.get("prev_grads")
     t, secant = state.count, not self.full and prev_grads is None
     buffer = state.direction.momentum if self.has_momentum else None
