@@ -9,13 +9,16 @@ transports that give bitwise-identical results:
 
 * ``"psum"``: all-reduce of :math:`a_i q_i` in the narrowest signed integer that
   holds :math:`\pm N` (int8 while :math:`N \le 127`, then int16, then int32).
-* ``"allgather"``: the sign planes packed 8 per byte are all-gathered and every
-  worker counts locally.
-* ``"alltoall"``: the packed planes are exchanged by all-to-all so that each
+* ``"allgather"``: the signs packed into bits (one a sign, two with
+  ``tie="zero"``) are all-gathered and every worker counts locally.
+* ``"alltoall"``: the packed signs are exchanged by all-to-all so that each
   worker counts and votes on its own :math:`1/N` of the coordinates, then the
   packed vote is all-gathered.
 
-``"auto"`` picks the fewest bytes on the wire (see :func:`vote_bytes`). The
+``"auto"`` picks by a cost model per backend (:func:`select_transport`):
+the fewest bytes on the wire (:func:`vote_bytes`) on GPU and TPU, the
+measured fastest on CPU devices (by vector size: psum, allgather, alltoall).
+The
 leaves of a pytree are flattened into one vector per group of leaves that vary
 over the same mesh axes (:func:`leaf_groups`), so each transport runs one
 collective per phase and group whatever the number of leaves: one group for
@@ -125,16 +128,81 @@ def vote_bytes(transport: str, num_workers: int, size: int,
                    f"{transport!r}")
 
 
-def choose_transport(transport: str, num_workers: int, size: int, tie: str,
+# On CPU devices "auto" runs "psum" below this many coordinates per worker,
+# then "allgather", then "alltoall" (see select_transport).
+_CPU_ALLGATHER_FROM = 1 << 18
+_CPU_ALLTOALL_FROM = 1 << 21
+
+
+def select_transport(backend: str, num_workers: int, size: int, tie: str,
                      allowed: Sequence[str] = TRANSPORTS) -> str:
-  """Resolves ``"auto"``: fewest bytes (:func:`vote_bytes`), ties broken in
-  favour of fewer collectives (psum, then allgather, then alltoall)."""
-  if transport != "auto":
-    return transport
+  r"""The transport ``"auto"`` runs, from a cost model of ``backend``.
+
+  A pure function of Python values, so the program's structure depends on
+  nothing traced.
+
+  * ``"cpu"`` (the devices of one process): a collective is a memory copy
+    plus a rendezvous of the device threads, so the passes over the vector
+    and the number of collectives and operations weigh as much as the bytes.
+    ``"psum"`` below :math:`2^{18}` coordinates per worker, ``"allgather"``
+    below :math:`2^{21}`, ``"alltoall"`` from there (``"allgather"`` where
+    ``"alltoall"`` is not allowed, as for the mean of signs). Measured with
+    ``python -m optax_sign.bench.vote_time`` (N = 2, 4, 8, 16 simulated
+    devices on a loaded 2-core machine, both ties; medians as multiples of
+    an fp32 ``pmean`` step): at :math:`d \le 10^5` psum 0.9-1.3x, allgather
+    1.3-3.3x, alltoall 1.9-4.1x (fixed costs: one collective and two
+    elementwise passes against packing, counting and N-piece exchanges); at
+    :math:`d = 3 \cdot 10^5` and :math:`10^6` allgather 0.6-1.3x (N <= 8),
+    psum 1.1-1.4x, alltoall 0.7-3.8x; at :math:`d = 3 \cdot 10^6` to
+    :math:`10^7` alltoall 0.17-0.8x (0.20-0.24x at N = 8, d = 10^7),
+    allgather 0.19-1.3x, psum 0.36-1.3x: alltoall counts 1/N of the
+    coordinates and moves the fewest bytes.
+  * any other backend (``"gpu"``, ``"tpu"``): interconnect-bound, so the
+    fewest bytes on the wire (:func:`vote_bytes`), ties broken in favour of
+    fewer collectives (psum, then allgather, then alltoall).
+
+  CPU devices of several processes joined by a network are priced as
+  ``"cpu"`` too; pass a transport explicitly there if bytes dominate.
+
+  Args:
+    backend: ``jax.default_backend()`` of the run.
+    num_workers: :math:`N \ge 1`.
+    size: coordinates exchanged per worker (one group of leaves).
+    tie: the tie policy.
+    allowed: the transports to choose from (``"auto"`` is ignored).
+
+  Returns:
+    ``"psum"``, ``"allgather"`` or ``"alltoall"``.
+
+  Example:
+    >>> select_transport("cpu", 8, 10_000_000, "zero")
+    'alltoall'
+    >>> select_transport("cpu", 8, 1_000_000, "zero")
+    'allgather'
+    >>> select_transport("cpu", 8, 100_000, "zero")
+    'psum'
+    >>> select_transport("gpu", 2, 100_000, "positive")  # a tie on bytes
+    'allgather'
+  """
   candidates = [t for t in allowed if t != "auto"]
+  if backend == "cpu":
+    if num_workers == 1 or size < _CPU_ALLGATHER_FROM:
+      return "psum"
+    if size >= _CPU_ALLTOALL_FROM and "alltoall" in candidates:
+      return "alltoall"
+    return "allgather"
   return min(candidates,
              key=lambda t: (vote_bytes(t, num_workers, size, tie),
                             candidates.index(t)))
+
+
+def choose_transport(transport: str, num_workers: int, size: int, tie: str,
+                     allowed: Sequence[str] = TRANSPORTS) -> str:
+  """Resolves ``"auto"`` by :func:`select_transport` for this backend."""
+  if transport != "auto":
+    return transport
+  return select_transport(jax.default_backend(), num_workers, size, tie,
+                          allowed)
 
 
 def _tie_sign_int(x: jax.Array, tie: str) -> jax.Array:
@@ -148,19 +216,46 @@ def _tie_sign_int(x: jax.Array, tie: str) -> jax.Array:
                    jnp.where(x < 0, jnp.int8(-1), jnp.int8(tie_value)))
 
 
-def _pack(q: jax.Array, tie: str) -> jax.Array:
-  """Packs int8 signs into [planes, ceil(d / 8)] uint8: (q > 0), (q != 0)."""
-  planes = [q > 0] + ([q != 0] if tie == "zero" else [])
-  return jnp.stack([jnp.packbits(p, bitorder="little") for p in planes])
+def _pack(q: jax.Array, tie: str, shape: Tuple[int, ...]) -> jax.Array:
+  """Packs int8 signs into the uint8 bytes of ``shape``, c bits a sign.
+
+  For B bytes in all (flat index b), bit j of byte b is (q > 0) of
+  coordinate j B + b with one bit plane (c = 1); with ``tie="zero"`` (c = 2)
+  bits 2j and 2j + 1 are (q > 0) and (q < 0) of coordinate j B + b; q is
+  padded with zeros to 8 B / c. Every bit lane is a contiguous slice of q,
+  so packing and unpacking are elementwise passes: no reduction or broadcast
+  along a minor axis (as with bytes of 8 neighbours) and no stacking of
+  planes (which XLA:CPU fused into the all-to-all's operands as a loop
+  several times slower than one plane's).
+  """
+  c = _planes(tie)
+  q = jnp.pad(q, (0, 8 // c * math.prod(shape) - q.size))
+  q = q.reshape((8 // c,) + shape)
+  packed = jnp.zeros(shape, jnp.uint8)
+  for j in range(8 // c):
+    packed = packed | ((q[j] > 0).astype(jnp.uint8) << (c * j))
+    if c == 2:
+      packed = packed | ((q[j] < 0).astype(jnp.uint8) << (2 * j + 1))
+  return packed
+
+
+def _lanes(packed: jax.Array, tie: str, dtype: Any) -> list:
+  """The signs in each bit lane of packed bytes (any shape, flattened).
+
+  One pass per lane with a constant shift: a shift by a broadcast iota does
+  not vectorise on XLA:CPU (3x slower at d = 1M).
+  """
+  c, packed = _planes(tie), packed.reshape(-1)
+  def bit(k):
+    return ((packed >> k) & 1).astype(dtype)
+  return [bit(k) - bit(k + 1) if c == 2 else 2 * bit(k) - 1
+          for k in range(0, 8, c)]
 
 
 def _unpack(packed: jax.Array, length: int, tie: str,
             dtype: Any) -> jax.Array:
-  """Inverse of :func:`_pack` for one worker: [planes, nb] -> signs [length]."""
-  bits = [jnp.unpackbits(p, count=length, bitorder="little").astype(dtype)
-          for p in packed]
-  nonzero = bits[1] if tie == "zero" else 1
-  return 2 * bits[0] - nonzero
+  """Inverse of :func:`_pack`: bytes (any shape) -> signs [length]."""
+  return jnp.concatenate(_lanes(packed, tie, dtype))[:length]
 
 
 def axis_names(axis_name: AxisName) -> Tuple[Hashable, ...]:
@@ -189,18 +284,20 @@ def gather_invariant(x: jax.Array, axis_name: AxisName) -> jax.Array:
 
 def _count_gathered(gathered: jax.Array, length: int, tie: str, dtype: Any,
                     weights: Optional[jax.Array]) -> jax.Array:
-  """S = sum_i w_i q_i from packed planes [N, planes, nb].
+  """S = sum_i w_i q_i from the N workers' packed bytes [N, B].
 
-  A static sum of the N unpacked terms: XLA fuses it into one elementwise
-  pass with no loop-carried count (exact, as every term is an integer).
+  Per bit lane a static sum of the N unpacked terms, the lanes concatenated:
+  XLA fuses it into one elementwise pass with no loop-carried count (exact,
+  as every term is an integer).
   """
-  def plane(i):
-    q = _unpack(gathered[i], length, tie, dtype)
-    return q if weights is None else q * weights[i].astype(dtype)
-  total = plane(0)
+  def term(i):
+    lanes = _lanes(gathered[i], tie, dtype)
+    return (lanes if weights is None
+            else [q * weights[i].astype(dtype) for q in lanes])
+  totals = term(0)
   for i in range(1, gathered.shape[0]):
-    total = total + plane(i)
-  return total
+    totals = [t + q for t, q in zip(totals, term(i))]
+  return jnp.concatenate(totals)[:length]
 
 
 def _worker_weights(alive: Optional[jax.Array], axis_name: AxisName,
@@ -334,25 +431,25 @@ def _count(q, axis_name, n, tie, transport, alive):
   if transport == "psum":
     return lax.psum(q.astype(dtype), axis_name)
   weights = _worker_weights(alive, axis_name, n, tie)
-  gathered = gather_invariant(_pack(q, tie), axis_name)
+  packed = _pack(q, tie, (_planes(tie) * -(-q.size // 8),))
+  gathered = gather_invariant(packed, axis_name)
   return _count_gathered(gathered, q.size, tie, dtype, weights)
 
 
 def _vote_alltoall(q, axis_name, n, tie, alive):
-  """Count and vote on an own chunk after an all-to-all; gather the vote."""
-  d = q.size
-  chunk = -(-d // (8 * n))  # packed bytes per plane per worker
-  q = jnp.pad(q, (0, 8 * n * chunk - d))
-  packed = _pack(q, tie)  # [planes, n * chunk]
-  planes = packed.shape[0]
-  packed = packed.reshape(planes, n, chunk).transpose(1, 0, 2)
-  received = lax.all_to_all(packed, axis_name, 0, 0, tiled=True)
+  """Count and vote on an own chunk after an all-to-all; gather the vote.
+
+  The packed bytes are laid out [n, c * chunk] from the start, so neither the
+  exchange nor the unpacking of the gathered vote transposes.
+  """
+  chunk = -(-q.size // (8 * n))  # packed bytes per plane per worker
+  shape = (_planes(tie) * chunk,)
+  received = lax.all_to_all(_pack(q, tie, (n,) + shape), axis_name, 0, 0,
+                            tiled=True)
   weights = _worker_weights(alive, axis_name, n, tie)
   count = _count_gathered(received, 8 * chunk, tie, count_dtype(n), weights)
-  vote = _pack(_tie_sign_int(count, tie), tie)  # [planes, chunk]
-  votes = gather_invariant(vote, axis_name)  # [n, planes, chunk]
-  votes = votes.transpose(1, 0, 2).reshape(planes, n * chunk)
-  return _unpack(votes, 8 * n * chunk, tie, jnp.int8)[:d]
+  vote = _pack(_tie_sign_int(count, tie), tie, shape)
+  return _unpack(gather_invariant(vote, axis_name), q.size, tie, jnp.int8)
 
 
 def vote_signs(tree: Any, axis_name: Optional[AxisName], *,
@@ -545,7 +642,8 @@ def majority_vote(axis_name: Optional[AxisName], transport: str = "auto",
   Args:
     axis_name: the workers' axis name (or tuple); ``None``: one worker.
     transport: ``"auto"``, ``"psum"``, ``"allgather"`` or ``"alltoall"``; all
-      give identical bits (see :func:`vote_bytes` for their costs).
+      give identical bits (see :func:`vote_bytes` for their bytes and
+      :func:`select_transport` for what ``"auto"`` picks).
     tie: tie policy for local zeros and tied votes.
 
   Returns:

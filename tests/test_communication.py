@@ -70,6 +70,70 @@ def test_every_transport_matches_numpy_reference(n, tie):
                                     err_msg=f"{transport} alive={with_alive}")
 
 
+@pytest.mark.parametrize("tie", ["zero", "positive", "negative"])
+def test_pack_unpack_round_trip_and_bit_layout(tie):
+  c = 2 if tie == "zero" else 1
+  rng = np.random.default_rng(1)
+  for d in (1, 7, 8, 9, 37, 100):
+    q = _tsign(rng.integers(-1, 2, size=d), tie).astype(np.int8)
+    for shape in ((c * -(-d // 8),), (3, c * -(-d // 24))):
+      packed = _communication._pack(jnp.asarray(q), tie, shape)
+      assert packed.shape == shape and packed.dtype == jnp.uint8
+      np.testing.assert_array_equal(
+          _communication._unpack(packed, d, tie, jnp.int8), q)
+  # With B = 2 bytes, coordinates 2 and 3 are lane 1 of bytes 0 and 1: bit
+  # 1 (q > 0), or bits 2 (q > 0) and 3 (q < 0) for tie="zero".
+  q = np.zeros(16 // c, np.int8)
+  q[2], q[3] = 1, -1
+  packed = np.asarray(_communication._pack(jnp.asarray(q), tie, (2,)))
+  np.testing.assert_array_equal(packed, [4, 8] if c == 2 else [2, 0])
+
+
+@pytest.mark.parametrize("transport", ["allgather", "alltoall"])
+@pytest.mark.parametrize("tie", ["zero", "positive"])
+def test_packed_votes_compile_to_elementwise_passes(transport, tie):
+  """No reduction, transpose or iota-shift around the collectives; the only
+  concatenations join the 1-D bit lanes."""
+  f = jax.jit(jax.shard_map(
+      lambda g: optax_sign.vote_signs(g[0], "x", tie=tie, transport=transport),
+      mesh=_mesh(8), in_specs=P("x"), out_specs=P()))
+  text = f.lower(jax.ShapeDtypeStruct((8, 4096), jnp.float32)).compile(
+  ).as_text()
+  for line in text.splitlines():
+    for op in (" reduce(", " transpose(", " iota("):
+      assert op not in line, line
+    if " concatenate(" in line:
+      assert "," not in line.split(" = ", 1)[1].split("{")[0], line
+
+
+@pytest.mark.parametrize("tie", ["zero", "positive"])
+@pytest.mark.parametrize("picked, ops", [
+    ("allgather", ["all-gather"]), ("alltoall", ["all-to-all", "all-gather"])])
+def test_auto_gives_the_bits_of_the_transport_it_picks(tie, picked, ops,
+                                                       monkeypatch):
+  """With the CPU thresholds lowered "auto" runs the packed transports."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the CPU cost model")
+  monkeypatch.setattr(_communication, "_CPU_ALLGATHER_FROM", 1)
+  monkeypatch.setattr(_communication, "_CPU_ALLTOALL_FROM",
+                      1 if picked == "alltoall" else 10**9)
+  n, rng = 8, np.random.default_rng(7)
+  v = rng.integers(-2, 3, size=(n, 37)).astype(np.float32)
+  alive = rng.random(n) < 0.6
+  assert _communication.choose_transport("auto", n, 37, tie) == picked
+  votes = _all_votes(n, tie)(jnp.asarray(v), jnp.asarray(alive))
+  for with_alive in (False, True):
+    expected = _reference_vote(v, tie, alive if with_alive else np.ones(n, bool))
+    for transport in ("auto", picked):
+      np.testing.assert_array_equal(_join(votes[(transport, with_alive)], n),
+                                    np.tile(expected, (n, 1)))
+  f = jax.shard_map(lambda g: optax_sign.vote_signs(g[0], "x", tie=tie),
+                    mesh=_mesh(n), in_specs=P("x"), out_specs=P())
+  report = optax_sign.communication_bytes(
+      f, jax.ShapeDtypeStruct((n, 37), jnp.float32))
+  assert [c.op for c in report.collectives] == ops
+
+
 @pytest.mark.parametrize("transport", ["psum", "allgather", "alltoall"])
 def test_replicated_alive_vector_under_named_vmap(transport):
   rng = np.random.default_rng(0)

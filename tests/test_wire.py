@@ -50,7 +50,8 @@ def test_bytes_per_parameter_match_formulas(n, tie):
     for coll in report.collectives:  # integers only; nothing gradient-sized
       assert coll.dtype in ("s8", "u8"), coll
   auto = optax_sign.communication_bytes(*_shard_map_vote(n, d, tie, "auto"))
-  assert auto.total_bytes / d == pytest.approx(min(formulas.values()))
+  chosen = _communication.choose_transport("auto", n, d, tie)
+  assert auto.total_bytes == optax_sign.vote_bytes(chosen, n, d, tie)
 
 
 def test_two_valued_alltoall_is_at_most_a_quarter_byte_at_8_workers():
@@ -61,13 +62,35 @@ def test_two_valued_alltoall_is_at_most_a_quarter_byte_at_8_workers():
   assert report.total_bytes / d <= 0.25
 
 
-def test_auto_choice_and_its_tie_break():
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_auto_on_interconnects_sends_fewest_bytes(backend):
   # N = 2: allgather and alltoall cost the same; the single collective wins.
-  choose = _communication.choose_transport
-  assert choose("auto", 2, 1024, "positive") == "allgather"
-  assert choose("auto", 8, 1024, "zero") == "alltoall"
-  assert choose("auto", 64, 1024, "zero", ("auto", "psum", "allgather")) == (
+  select = _communication.select_transport
+  assert select(backend, 2, 1024, "positive") == "allgather"
+  assert select(backend, 8, 1024, "zero") == "alltoall"
+  assert select(backend, 8, 10**7, "positive") == "alltoall"
+  assert select(backend, 64, 1024, "zero", ("auto", "psum", "allgather")) == (
       "psum")
+  assert select(backend, 1, 1024, "zero") == "psum"  # nothing to send
+
+
+def test_auto_on_cpu_goes_psum_allgather_alltoall_as_vectors_grow():
+  select = _communication.select_transport
+  gather_from = _communication._CPU_ALLGATHER_FROM
+  alltoall_from = _communication._CPU_ALLTOALL_FROM
+  assert (gather_from, alltoall_from) == (2**18, 2**21)
+  means = ("auto", "psum", "allgather")  # the mean of signs: no alltoall
+  for n in (2, 4, 8, 64):
+    for tie in ("zero", "positive"):
+      assert select("cpu", n, gather_from - 1, tie) == "psum"
+      assert select("cpu", n, gather_from, tie) == "allgather"
+      assert select("cpu", n, alltoall_from - 1, tie) == "allgather"
+      assert select("cpu", n, alltoall_from, tie) == "alltoall"
+      assert select("cpu", n, alltoall_from, tie, means) == "allgather"
+      assert select("cpu", n, gather_from - 1, tie, means) == "psum"
+  assert select("cpu", 1, 10**7, "zero") == "psum"
+  assert _communication.choose_transport("auto", 8, gather_from, "zero") == (
+      select(jax.default_backend(), 8, gather_from, "zero"))
 
 
 def test_wire_parser_on_async_and_iota_groups():

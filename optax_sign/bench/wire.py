@@ -5,8 +5,12 @@ the majority vote of a ``D``-parameter vector under ``jax.shard_map`` on
 simulated CPU devices, reads the collectives from the compiled HLO with
 :func:`optax_sign.communication_bytes`, and prints bytes sent per worker per
 parameter next to the formula (:func:`optax_sign.vote_bytes`) and next to an
-fp32 ``pmean`` of gradients. It must start in a fresh process: it asks JAX for
-as many CPU devices as the largest worker count before JAX initializes.
+fp32 ``pmean`` of gradients. The ``auto`` rows show the choice of the
+interconnect cost model (GPU, TPU: fewest bytes), the one bytes decide; on CPU
+devices ``"auto"`` picks by measured time instead
+(:func:`optax_sign._communication.select_transport`). It must start in a fresh
+process: it asks JAX for as many CPU devices as the largest worker count
+before JAX initializes.
 """
 
 import argparse
@@ -45,12 +49,13 @@ def measure(workers: Sequence[int], size: int) -> List[dict]:
                      / size, formula=8 * (n - 1) / n))
     for tie in _TIES:
       for transport in _TRANSPORTS:
+        chosen = (transport if transport != "auto" else
+                  _communication.select_transport("gpu", n, size, tie))
         vote = jax.shard_map(
-            lambda g, t=transport, tie=tie: optax_sign.vote_signs(
+            lambda g, t=chosen, tie=tie: optax_sign.vote_signs(
                 g[0], "x", tie=tie, transport=t),
             mesh=_mesh(n), in_specs=P("x"), out_specs=P())
         report = optax_sign.communication_bytes(vote, arg)
-        chosen = _communication.choose_transport(transport, n, size, tie)
         rows.append(dict(
             workers=n, tie=tie,
             scheme=transport if transport != "auto" else f"auto ({chosen})",
