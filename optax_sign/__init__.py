@@ -14,6 +14,7 @@ from optax_sign._communication import majority_vote
 from optax_sign._communication import mean_of_signs
 from optax_sign._communication import mean_signs
 from optax_sign._communication import per_worker
+from optax_sign._communication import select_transport
 from optax_sign._communication import SignAggregationState
 from optax_sign._communication import vote_bytes
 from optax_sign._communication import vote_signs
@@ -103,6 +104,7 @@ __all__ = (
     "scale_by_lion_momentum",
     "scale_by_randomized_sign",
     "scale_by_sign",
+    "select_transport",
     "sign_momentum",
     "sign_sgd",
     "sign_sgd_probe",

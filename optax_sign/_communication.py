@@ -157,12 +157,12 @@ def select_transport(backend: str, num_workers: int, size: int, tie: str,
     :math:`10^7` alltoall 0.17-0.8x (0.20-0.24x at N = 8, d = 10^7),
     allgather 0.19-1.3x, psum 0.36-1.3x: alltoall counts 1/N of the
     coordinates and moves the fewest bytes.
-  * any other backend (``"gpu"``, ``"tpu"``): interconnect-bound, so the
-    fewest bytes on the wire (:func:`vote_bytes`), ties broken in favour of
+  * any other backend (``"gpu"``, ``"tpu"``, ``"network"``): bound by the
+    interconnect, so the fewest bytes on the wire (:func:`vote_bytes`), ties broken in favour of
     fewer collectives (psum, then allgather, then alltoall).
 
-  CPU devices of several processes joined by a network are priced as
-  ``"cpu"`` too; pass a transport explicitly there if bytes dominate.
+  :func:`choose_transport` prices CPU devices of several processes (joined
+  by a network, as with ``jax.distributed``) by bytes, like GPU and TPU.
 
   Args:
     backend: ``jax.default_backend()`` of the run.
@@ -184,7 +184,16 @@ def select_transport(backend: str, num_workers: int, size: int, tie: str,
     >>> select_transport("gpu", 2, 100_000, "positive")  # a tie on bytes
     'allgather'
   """
+  if not isinstance(backend, str):
+    raise TypeError(f"backend must be a string such as 'cpu', 'gpu' or "
+                    f"'tpu', got {backend!r}")
+  _checks.check_int("num_workers", num_workers, 1)
+  _checks.check_int("size", size, 0)
+  _checks.check_tie(tie)
   candidates = [t for t in allowed if t != "auto"]
+  if not candidates or any(t not in TRANSPORTS for t in candidates):
+    raise ValueError(f"allowed must name some of {TRANSPORTS[1:]}, got "
+                     f"{tuple(allowed)!r}")
   if backend == "cpu":
     if num_workers == 1 or size < _CPU_ALLGATHER_FROM:
       return "psum"
@@ -198,11 +207,17 @@ def select_transport(backend: str, num_workers: int, size: int, tie: str,
 
 def choose_transport(transport: str, num_workers: int, size: int, tie: str,
                      allowed: Sequence[str] = TRANSPORTS) -> str:
-  """Resolves ``"auto"`` by :func:`select_transport` for this backend."""
+  """Resolves ``"auto"`` by :func:`select_transport` for this run's backend.
+
+  CPU devices are priced as ``"cpu"`` (time) only within one process; across
+  processes the network carries the bytes, priced as on GPU and TPU.
+  """
   if transport != "auto":
     return transport
-  return select_transport(jax.default_backend(), num_workers, size, tie,
-                          allowed)
+  backend = jax.default_backend()
+  if backend == "cpu" and jax.process_count() > 1:
+    backend = "network"
+  return select_transport(backend, num_workers, size, tie, allowed)
 
 
 def _tie_sign_int(x: jax.Array, tie: str) -> jax.Array:

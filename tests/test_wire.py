@@ -65,7 +65,7 @@ def test_two_valued_alltoall_is_at_most_a_quarter_byte_at_8_workers():
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_auto_on_interconnects_sends_fewest_bytes(backend):
   # N = 2: allgather and alltoall cost the same; the single collective wins.
-  select = _communication.select_transport
+  select = optax_sign.select_transport
   assert select(backend, 2, 1024, "positive") == "allgather"
   assert select(backend, 8, 1024, "zero") == "alltoall"
   assert select(backend, 8, 10**7, "positive") == "alltoall"
@@ -75,7 +75,7 @@ def test_auto_on_interconnects_sends_fewest_bytes(backend):
 
 
 def test_auto_on_cpu_goes_psum_allgather_alltoall_as_vectors_grow():
-  select = _communication.select_transport
+  select = optax_sign.select_transport
   gather_from = _communication._CPU_ALLGATHER_FROM
   alltoall_from = _communication._CPU_ALLTOALL_FROM
   assert (gather_from, alltoall_from) == (2**18, 2**21)
@@ -91,6 +91,28 @@ def test_auto_on_cpu_goes_psum_allgather_alltoall_as_vectors_grow():
   assert select("cpu", 1, 10**7, "zero") == "psum"
   assert _communication.choose_transport("auto", 8, gather_from, "zero") == (
       select(jax.default_backend(), 8, gather_from, "zero"))
+
+
+def test_auto_across_processes_prices_bytes(monkeypatch):
+  """CPU devices of several processes talk over a network: fewest bytes."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert _communication.choose_transport("auto", 8, 1024, "zero") == (
+      "alltoall")
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  assert _communication.choose_transport("auto", 8, 1024, "zero") == (
+      optax_sign.select_transport(jax.default_backend(), 8, 1024, "zero"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend=None), "backend"), (dict(num_workers=0), "num_workers"),
+    (dict(size=-1), "size"), (dict(tie="up"), "tie"),
+    (dict(allowed=("auto",)), "allowed"), (dict(allowed=("ring",)), "allowed"),
+])
+def test_select_transport_rejects_bad_input(kwargs, message):
+  args = dict(dict(backend="gpu", num_workers=8, size=1024, tie="zero"),
+              **kwargs)
+  with pytest.raises((TypeError, ValueError), match=message):
+    optax_sign.select_transport(**args)
 
 
 def test_wire_parser_on_async_and_iota_groups():

@@ -43,7 +43,7 @@ def _methods() -> Dict[str, Callable]:
   vote = lambda t: lambda axis: optax.chain(
       optax_sign.majority_vote(axis, transport=t), lr)
   return {
-      "vote (auto)": vote("auto"),
+      "vote (alltoall)": vote("alltoall"),
       "vote (psum)": vote("psum"),
       "vote (allgather)": vote("allgather"),
       "mean of signs": lambda axis: optax.chain(

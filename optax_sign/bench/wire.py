@@ -8,7 +8,7 @@ parameter next to the formula (:func:`optax_sign.vote_bytes`) and next to an
 fp32 ``pmean`` of gradients. The ``auto`` rows show the choice of the
 interconnect cost model (GPU, TPU: fewest bytes), the one bytes decide; on CPU
 devices ``"auto"`` picks by measured time instead
-(:func:`optax_sign._communication.select_transport`). It must start in a fresh
+(:func:`optax_sign.select_transport`). It must start in a fresh
 process: it asks JAX for as many CPU devices as the largest worker count
 before JAX initializes.
 """
