@@ -120,6 +120,11 @@ def scale_by_alias_momentum(
     if has_decay and params is None:
       raise ValueError("scale_by_alias_momentum with weight_decay > 0 needs "
                        "params: call update(grads, state, params)")
+    if params is not None:
+      _checks.check_shapes(
+          updates, [jnp.shape(p) for p in jax.tree.leaves(params)], "params")
+    _checks.check_shapes(updates, [jnp.shape(m) for m in jax.tree.leaves(
+        state.mu)], "the state from init")
     t = state.count
     if signed:
       prev = _bits.unpack_signs(state.previous, updates)
@@ -145,7 +150,8 @@ def scale_by_alias_momentum(
         + (1 - b2) * jnp.square(d * g.astype(_F32)), updates, state.nu, d_tree)
     if direction == "sign_snr":
       dirs = jax.tree.map(
-          lambda m, v, d: d * jnp.sqrt((m * m + eps) / (v + eps)) * jnp.sign(m),
+          lambda m, v, d: d * jnp.hypot(m, eps ** 0.5) / jnp.sqrt(v + eps)
+          * jnp.sign(m),  # hypot: m^2 would overflow first
           mu, nu, d_tree)
     else:
       dirs = jax.tree.map(lambda m, v, d: d * m / (jnp.sqrt(v) + eps),

@@ -180,6 +180,22 @@ def zero_signs(params: Any, tie: str) -> SignBits:
                if tie == "zero" else optax.EmptyState()))
 
 
+def check_layout(bits: SignBits, updates: Any) -> None:
+  """Raises ``ValueError`` if ``updates`` cannot be the arrays ``bits`` were
+  packed for (by leaf count and :func:`bit_layout`).
+
+  Packed bits do not record the length of the last axis within a byte (4 and
+  8 coordinates pack alike); the caller also checks against ``params``.
+  """
+  stored = [b.shape for b in jax.tree.leaves(bits.positive)]
+  shapes = [tuple(jnp.shape(u)) for u in jax.tree.leaves(updates)]
+  if stored != [bit_layout(s) for s in shapes]:
+    raise ValueError(
+        f"updates of shapes {shapes} do not fit the packed signs kept since "
+        f"init (packed shapes {stored}): the updates must have the shapes of "
+        "the parameters given to init")
+
+
 def pack_signs(signs: Any, tie: str) -> SignBits:
   """Packs a tree of signs: the positive plane, and the nonzero plane for
   ``tie="zero"``."""

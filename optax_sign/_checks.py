@@ -196,3 +196,22 @@ def check_float_params(params: Any) -> None:
         "optax_sign updates floating-point parameters; every leaf of params "
         f"is an integer or boolean array ({', '.join(sorted(map(str, dtypes)))})"
         ": cast them to a float dtype, or leave them out with optax.masked")
+
+
+def check_shapes(updates: Any, shapes: Sequence[Sequence[int]],
+                 source: str) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``updates`` whose shape
+  differs from the one ``source`` (``init``'s state, or ``params``) holds.
+
+  A static check: shapes are known when the update is traced.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+  if len(leaves) != len(shapes):
+    raise ValueError(f"updates has {len(leaves)} leaves, {source} has "
+                     f"{len(shapes)}")
+  for (path, leaf), shape in zip(leaves, shapes):
+    if tuple(jnp.shape(leaf)) != tuple(shape):
+      raise ValueError(
+          f"updates{jax.tree_util.keystr(path)} has shape "
+          f"{tuple(jnp.shape(leaf))}, {source} has {tuple(shape)}: the "
+          "updates must have the shapes of the parameters given to init")

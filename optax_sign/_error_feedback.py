@@ -25,13 +25,13 @@ def _scale(p: jax.Array, shard_axes: tuple = ()) -> jax.Array:
 
   Under a fully manual ``shard_map`` a leaf that varies over ``shard_axes``
   (mesh axes other than the workers', e.g. ``"model"``) is one shard of the
-  leaf: the sum and the size then cover every shard.
+  leaf: the sum and the size then cover every shard. Each term is divided
+  by ``n`` before the sum, so the sum never exceeds ``max |p|`` and cannot
+  overflow where ``p`` is finite.
   """
-  total, size = jnp.sum(jnp.abs(p)), p.size
-  if shard_axes:
-    total = lax.psum(total, shard_axes)
-    size *= math.prod(_communication.axis_size(a) for a in shard_axes)
-  return total / max(size, 1)
+  size = p.size * math.prod(_communication.axis_size(a) for a in shard_axes)
+  total = jnp.sum(jnp.abs(p) * (1.0 / max(size, 1)))
+  return lax.psum(total, shard_axes) if shard_axes else total
 
 
 def _compress(p: jax.Array, dtype: Any) -> jax.Array:

@@ -208,7 +208,11 @@ def scale_by_lion_momentum(
     An ``optax.GradientTransformationExtraArgs``; :math:`v_t` is computed in
     float32 (for lower-precision gradients) and returned in the gradient dtype,
     with values that would underflow to zero kept at the dtype's smallest
-    normal number, so that the cast never changes a sign.
+    normal number, so that the cast never changes a sign. Where the new
+    momentum is not finite (an infinite or NaN gradient coordinate) the
+    direction is NaN, so the sign that follows is NaN and
+    ``optax.apply_if_finite`` skips the step instead of keeping an infinite
+    momentum behind finite signs.
 
   Example:
     >>> tx = optax.chain(scale_by_lion_momentum(0.9, 0.99),
@@ -228,11 +232,15 @@ def scale_by_lion_momentum(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    mu = cast_like(optax.tree.update_moment(updates, state.mu, b2, 1),
+                   state.mu)
     direction = jax.tree.map(
-        lambda g, m: _cast_keeping_sign((1.0 - b1) * g + b1 * m, g.dtype),
-        updates, state.mu)
-    mu = optax.tree.update_moment(updates, state.mu, b2, 1)
-    return direction, LionMomentumState(mu=cast_like(mu, state.mu))
+        lambda g, m, new: jnp.where(
+            jnp.isfinite(new),
+            _cast_keeping_sign((1.0 - b1) * g + b1 * m, g.dtype),
+            jnp.asarray(jnp.nan, g.dtype)),
+        updates, state.mu, mu)
+    return direction, LionMomentumState(mu=mu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -527,6 +527,18 @@ class _Alias:
     jax.lax.cond(stalled, lambda *a: jax.debug.callback(_warn_stall, *a),
                  lambda *a: None, stalled, gamma, initial)
 
+  def check_shapes(self, updates, memory, params) -> None:
+    """Raises (at trace time) for updates not shaped like ``init``'s params
+    or like ``params``."""
+    if params is not None:
+      _checks.check_shapes(
+          updates, [jnp.shape(p) for p in jax.tree.leaves(params)], "params")
+    if self.full:
+      _checks.check_shapes(updates, [jnp.shape(g) for g in jax.tree.leaves(
+          memory.grad)], "the state from init")
+    elif self.keep_bits:
+      _bits.check_layout(memory.signs, updates)
+
   def own_flag(self, alive: Any) -> Optional[jax.Array]:
     """This worker's own alive flag (None without ``alive=``)."""
     n = (1 if self.axis_name is None
@@ -547,6 +559,7 @@ class _Alias:
       raise ValueError("scale_by_alias with weight_decay > 0 needs params: "
                        "call update(grads, state, params)")
     _checks.warn_misspelled(extra_args)
+    self.check_shapes(updates, state.memory, params)
     prev_grads = extra_args.get("prev_grads")
     t, secant = state.count, not self.full and prev_grads is None
     buffer = state.direction.momentum if self.has_momentum else None
@@ -566,12 +579,13 @@ class _Alias:
     # The new state is built from inputs tied to every scalar by a product
     # with one, so XLA writes the donated state buffers in place after all the
     # reductions have read them instead of copying them first. One is NaN if
-    # a statistic is (a NaN direction, memory or prev_grads): the update is
-    # then NaN, for apply_if_finite to skip. With workers, the per-worker
-    # inputs are tied to this worker's own statistics (a dead worker's NaN
-    # stays out), the shared ones to the shared maxima: a NaN statistic of a
-    # live worker reaches every worker through the averaged scalars.
-    nan_in = lambda values: jnp.any(jnp.isnan(jnp.stack(values)))
+    # a statistic is not finite (a NaN or infinite gradient, memory or
+    # prev_grads): the update is then NaN, for apply_if_finite to skip.
+    # With workers, the per-worker inputs are tied to this worker's own
+    # statistics (a dead worker's NaN stays out), the shared ones to the
+    # shared maxima: a non-finite statistic of a live worker reaches every
+    # worker through the averaged scalars.
+    nan_in = lambda values: jnp.any(~jnp.isfinite(jnp.stack(values)))
     own = self.own_flag(extra_args.get("alive"))
     local = nan_in(list(stats.values()))
     local = local if own is None else local & own

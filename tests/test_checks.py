@@ -133,3 +133,28 @@ def test_integer_only_params_are_refused(make):
   with pytest.raises(TypeError, match=r"integer or boolean array \(int32\)"):
     make().init({"a": jnp.arange(3), "b": jnp.zeros(2, jnp.int32)})
   make().init({"a": jnp.arange(3), "b": jnp.zeros(2)})  # mixed trees are fine
+
+
+@pytest.mark.parametrize("make, packed", [
+    (lambda: optax_sign.alias_sign_sgd(memory="sign"), True),
+    (lambda: optax_sign.alias_sign_sgd(memory="sign", tie="positive"), True),
+    (lambda: optax_sign.alias_sign_sgd(), False),
+    (lambda: optax_sign.scale_by_alias_momentum(), False),
+], ids=["sign_zero", "sign_positive", "full", "momentum"])
+@pytest.mark.parametrize("before, after", [((8,), (4,)), ((16,), (2, 8)),
+                                           ((3, 5), (5, 3)), ((3, 16), (3, 8))])
+def test_updates_shaped_unlike_init_raise(make, packed, before, after):
+  """Updates shaped unlike ``init``'s params raise, naming the shapes. Sign
+  memory keeps only packed bits, which cannot tell lengths within one byte
+  apart (4 and 8 pack alike): there the check is against ``params``."""
+  tx = make()
+  state = tx.init({"w": jnp.zeros(before)})
+  with pytest.raises(ValueError, match=r"shape"):
+    tx.update({"w": jnp.ones(after)}, state, {"w": jnp.zeros(before)})
+  from optax_sign import _bits
+  if packed and _bits.bit_layout(before) == _bits.bit_layout(after):
+    return  # params changed alike: nothing in the state tells
+  with pytest.raises(ValueError, match=r"shape"):
+    tx.update({"w": jnp.ones(after)}, state, {"w": jnp.zeros(after)})
+  with pytest.raises(ValueError, match=r"shape"):
+    tx.update({"w": jnp.ones(after)}, state)

@@ -177,3 +177,16 @@ def test_single_worker_dead_step_keeps_the_residual():
   np.testing.assert_array_equal(u2["w"], np.zeros(3))
   np.testing.assert_array_equal(state2.error["w"], state.error["w"])
   del u
+
+
+def test_scale_does_not_overflow_near_the_float32_limit():
+  """||p||_1 / n of values near 3e38: each term is divided by n before the
+  sum, so the scale is the mean (a plain float32 sum would be inf)."""
+  g = {"w": jnp.full((1000,), 1e37, jnp.float32).at[::2].multiply(-2.0)}
+  with np.errstate(over="ignore"):  # a float32 sum of the magnitudes is inf
+    assert not np.isfinite(np.sum(np.abs(np.asarray(g["w"]))))
+  tx = optax_sign.scale_by_error_feedback_sign()
+  u, state = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(np.abs(np.asarray(u["w"])), 1.5e37, rtol=1e-5)
+  np.testing.assert_array_equal(np.sign(u["w"]), np.sign(g["w"]))
+  assert np.all(np.isfinite(state.error["w"]))

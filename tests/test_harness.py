@@ -165,6 +165,28 @@ def test_apply_if_finite_skips_nan_gradients(case):
 
 
 @by_name
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_one_non_finite_coordinate_is_never_hidden(case, bad):
+  """One non-finite gradient coordinate: either the update shows it (some
+  update is not finite, so ``apply_if_finite`` skips the step and keeps the
+  old state) or the update and the whole new state are finite. A finite
+  update over an infinite or NaN state (a corrupted momentum or distance
+  estimate) is the failure."""
+  opt = case.make(**case.hparams)
+  params, state = harness.run(opt, 2)
+  grads = jax.grad(harness.loss_fn)(params)
+  leaves, treedef = jax.tree.flatten(grads)
+  leaves[0] = leaves[0].reshape(-1).at[0].set(bad).reshape(leaves[0].shape)
+  updates, new_state = jax.jit(opt.update)(
+      treedef.unflatten(leaves), state, params, value=jnp.float32(1.0))
+  finite = lambda tree: all(bool(jnp.all(jnp.isfinite(x))) for x in
+                            jax.tree.leaves(_numeric(tree))
+                            if jnp.issubdtype(x.dtype, jnp.inexact))
+  if finite(updates):
+    assert finite(new_state), "finite update over a non-finite state"
+
+
+@by_name
 def test_init_on_abstract_inputs(case):
   opt = case.make(**case.hparams)
   params = harness.init_params()

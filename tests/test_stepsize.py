@@ -692,6 +692,21 @@ def test_alias_momentum_matches_numpy_reference(dot, direction, per_tensor):
     d_prev = d_now
 
 
+@pytest.mark.parametrize("direction", ["sign_snr", "adam"])
+def test_alias_momentum_stays_finite_for_huge_gradients(direction):
+  """Gradients of 1e30: d^2 g^2 overflows the second moment (as in
+  optax.adam), but m^2 is not formed (``hypot``), so updates stay finite."""
+  opt = optax_sign.scale_by_alias_momentum(direction=direction)
+  params = {"w": jnp.zeros(64)}
+  state = opt.init(params)
+  for sign in (1.0, -1.0, 1.0):
+    g = {"w": jnp.full(64, sign * 1e30)}
+    u, state = jax.jit(opt.update)(g, state, params)
+    assert np.all(np.isfinite(u["w"]))
+  adam_u, _ = optax.adam(1.0).update(g, optax.adam(1.0).init(params))
+  assert np.all(np.isfinite(adam_u["w"]))
+
+
 # ---------------------------------------------------------------------------
 # Multi-worker ALIAS (spec section 7): majority vote + pmean of scalars.
 
