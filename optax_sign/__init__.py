@@ -18,6 +18,9 @@ from optax_sign._communication import select_transport
 from optax_sign._communication import SignAggregationState
 from optax_sign._communication import vote_bytes
 from optax_sign._communication import vote_signs
+from optax_sign._sharded_vote import sharded_majority_vote
+from optax_sign._sharded_vote import sharded_vote_bytes
+from optax_sign._sharded_vote import vote_signs_sharded
 from optax_sign._data_parallel import data_parallel
 from optax_sign._worker_grad import worker_grad
 from optax_sign._worker_grad import worker_value_and_grad
@@ -105,6 +108,8 @@ __all__ = (
     "scale_by_randomized_sign",
     "scale_by_sign",
     "select_transport",
+    "sharded_majority_vote",
+    "sharded_vote_bytes",
     "sign_momentum",
     "sign_sgd",
     "sign_sgd_probe",
@@ -114,6 +119,7 @@ __all__ = (
     "tie_sign",
     "vote_bytes",
     "vote_signs",
+    "vote_signs_sharded",
     "worker_grad",
     "worker_value_and_grad",
 )

@@ -79,7 +79,7 @@ def count_dtype(num_workers: int) -> jnp.dtype:
       f"{num_workers} workers exceed the int32 range of the vote count")
 
 
-def _planes(tie: str) -> int:
+def planes(tie: str) -> int:
   """Bit planes per coordinate: 2 when a sign may be 0, else 1."""
   return 2 if tie == "zero" else 1
 
@@ -116,7 +116,7 @@ def vote_bytes(transport: str, num_workers: int, size: int,
   _checks.check_int("num_workers", num_workers, 1)
   _checks.check_int("size", size, 0)
   _checks.check_tie(tie)
-  n, c = num_workers, _planes(tie)
+  n, c = num_workers, planes(tie)
   if transport == "psum":
     return 2.0 * (n - 1) / n * count_dtype(n).itemsize * size
   if transport == "allgather":
@@ -220,7 +220,7 @@ def choose_transport(transport: str, num_workers: int, size: int, tie: str,
   return select_transport(backend, num_workers, size, tie, allowed)
 
 
-def _tie_sign_int(x: jax.Array, tie: str) -> jax.Array:
+def tie_sign_int(x: jax.Array, tie: str) -> jax.Array:
   """tsign_T(x) as int8 (of a value or of an integer count).
 
   Anything that is neither > 0 nor < 0, NaN included, takes the tie value.
@@ -243,14 +243,21 @@ def _pack(q: jax.Array, tie: str, shape: Tuple[int, ...]) -> jax.Array:
   planes (which XLA:CPU fused into the all-to-all's operands as a loop
   several times slower than one plane's).
   """
-  c = _planes(tie)
+  c = planes(tie)
   q = jnp.pad(q, (0, 8 // c * math.prod(shape) - q.size))
-  q = q.reshape((8 // c,) + shape)
-  packed = jnp.zeros(shape, jnp.uint8)
-  for j in range(8 // c):
-    packed = packed | ((q[j] > 0).astype(jnp.uint8) << (c * j))
+  return pack_lanes(list(q.reshape((8 // c,) + shape)), tie)
+
+
+def pack_lanes(lanes: Sequence[jax.Array], tie: str) -> jax.Array:
+  """Packs ``8 / c`` equally shaped int8 sign arrays into one uint8 array of
+  their shape: lane ``j`` in bit ``j`` (c = 1), or in bits ``2j`` (q > 0) and
+  ``2j + 1`` (q < 0) with ``tie="zero"`` (c = 2)."""
+  c = planes(tie)
+  packed = jnp.zeros(lanes[0].shape, jnp.uint8)
+  for j, q in enumerate(lanes):
+    packed = packed | ((q > 0).astype(jnp.uint8) << (c * j))
     if c == 2:
-      packed = packed | ((q[j] < 0).astype(jnp.uint8) << (2 * j + 1))
+      packed = packed | ((q < 0).astype(jnp.uint8) << (2 * j + 1))
   return packed
 
 
@@ -260,7 +267,7 @@ def _lanes(packed: jax.Array, tie: str, dtype: Any) -> list:
   One pass per lane with a constant shift: a shift by a broadcast iota does
   not vectorise on XLA:CPU (3x slower at d = 1M).
   """
-  c, packed = _planes(tie), packed.reshape(-1)
+  c, packed = planes(tie), packed.reshape(-1)
   def bit(k):
     return ((packed >> k) & 1).astype(dtype)
   return [bit(k) - bit(k + 1) if c == 2 else 2 * bit(k) - 1
@@ -297,7 +304,7 @@ def gather_invariant(x: jax.Array, axis_name: AxisName) -> jax.Array:
   return lax.all_gather(x, axis_name)
 
 
-def _count_gathered(gathered: jax.Array, length: int, tie: str, dtype: Any,
+def count_gathered(gathered: jax.Array, length: int, tie: str, dtype: Any,
                     weights: Optional[jax.Array]) -> jax.Array:
   """S = sum_i w_i q_i from the N workers' packed bytes [N, B].
 
@@ -315,7 +322,7 @@ def _count_gathered(gathered: jax.Array, length: int, tie: str, dtype: Any,
   return jnp.concatenate(totals)[:length]
 
 
-def _worker_weights(alive: Optional[jax.Array], axis_name: AxisName,
+def worker_weights(alive: Optional[jax.Array], axis_name: AxisName,
                     num_workers: int, tie: str) -> Optional[jax.Array]:
   """The alive mask of every worker, needed when packed planes omit zeros.
 
@@ -361,7 +368,7 @@ def leaf_groups(leaves: Sequence[jax.Array]) -> list:
 
 def _signs_of(leaves: Sequence[jax.Array], tie: str) -> jax.Array:
   """The int8 signs of one group of leaves, concatenated into a vector."""
-  return jnp.concatenate([_tie_sign_int(v.ravel(), tie) for v in leaves])
+  return jnp.concatenate([tie_sign_int(v.ravel(), tie) for v in leaves])
 
 
 def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
@@ -379,14 +386,14 @@ def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
   leaves, treedef = jax.tree.flatten(tree)
   if axis_name is None:  # no collective: leaf by leaf, layouts kept
     return treedef.unflatten([
-        combine(_masked(_tie_sign_int(v, tie), own), n, "psum", alive,
+        combine(masked(tie_sign_int(v, tie), own), n, "psum", alive,
                 own).astype(v.dtype) for v in leaves])
 
   def by_group(leaves, shared):
     alive, own = shared
     out = list(leaves)
     for group in leaf_groups(leaves):
-      q = _masked(_signs_of([leaves[i] for i in group], tie), own)
+      q = masked(_signs_of([leaves[i] for i in group], tie), own)
       chosen = choose_transport(transport, n, q.size, tie, allowed)
       flat, start = combine(q, n, chosen, alive, own), 0
       for i in group:
@@ -416,7 +423,7 @@ def alive_flags(alive: Optional[jax.Array], axis_name: AxisName,
   return alive, own
 
 
-def _masked(q: jax.Array, own: Optional[jax.Array]) -> jax.Array:
+def masked(q: jax.Array, own: Optional[jax.Array]) -> jax.Array:
   """The signs ``q`` of this worker, zeroed if it is dead (``own`` False)."""
   return q if own is None else jnp.where(own, q, jnp.int8(0))
 
@@ -445,10 +452,10 @@ def _count(q, axis_name, n, tie, transport, alive):
     return q.astype(dtype)
   if transport == "psum":
     return lax.psum(q.astype(dtype), axis_name)
-  weights = _worker_weights(alive, axis_name, n, tie)
-  packed = _pack(q, tie, (_planes(tie) * -(-q.size // 8),))
+  weights = worker_weights(alive, axis_name, n, tie)
+  packed = _pack(q, tie, (planes(tie) * -(-q.size // 8),))
   gathered = gather_invariant(packed, axis_name)
-  return _count_gathered(gathered, q.size, tie, dtype, weights)
+  return count_gathered(gathered, q.size, tie, dtype, weights)
 
 
 def _vote_alltoall(q, axis_name, n, tie, alive):
@@ -458,12 +465,12 @@ def _vote_alltoall(q, axis_name, n, tie, alive):
   exchange nor the unpacking of the gathered vote transposes.
   """
   chunk = -(-q.size // (8 * n))  # packed bytes per plane per worker
-  shape = (_planes(tie) * chunk,)
+  shape = (planes(tie) * chunk,)
   received = lax.all_to_all(_pack(q, tie, (n,) + shape), axis_name, 0, 0,
                             tiled=True)
-  weights = _worker_weights(alive, axis_name, n, tie)
-  count = _count_gathered(received, 8 * chunk, tie, count_dtype(n), weights)
-  vote = _pack(_tie_sign_int(count, tie), tie, shape)
+  weights = worker_weights(alive, axis_name, n, tie)
+  count = count_gathered(received, 8 * chunk, tie, count_dtype(n), weights)
+  vote = _pack(tie_sign_int(count, tie), tie, shape)
   return _unpack(gather_invariant(vote, axis_name), q.size, tie, jnp.int8)
 
 
@@ -528,7 +535,7 @@ def vote_signs(tree: Any, axis_name: Optional[AxisName], *,
     if chosen == "alltoall" and axis_name is not None:
       vote = _vote_alltoall(q, axis_name, n, tie, alive)
     else:
-      vote = _tie_sign_int(_count(q, axis_name, n, tie, chosen, alive), tie)
+      vote = tie_sign_int(_count(q, axis_name, n, tie, chosen, alive), tie)
     if alive is None or tie == "zero":  # tie="zero": no voter gives S = 0
       return vote
     # A two-valued tie would turn S = 0 into a full step on no information.

@@ -76,7 +76,9 @@ def check_replicated(tree: Any, axis_name: Hashable, what: str) -> None:
           f"{what} {jax.tree_util.keystr(path)} is sharded over the worker "
           f"axis {axis_name!r} (FSDP over the voted axis): every worker must "
           "hold the whole leaf on that axis. Shard it over another mesh axis "
-          "(for example 'fsdp' or 'model') instead.")
+          "(for example 'fsdp' or 'model') instead, or write the step with "
+          "jax.shard_map and optax_sign.sharded_majority_vote, the "
+          "shard-aligned vote.")
 
 
 def on_context_mesh(x: jax.Array) -> jax.Array:

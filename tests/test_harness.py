@@ -259,7 +259,7 @@ def _factories():
 
 
 # Wrappers that need a device mesh; tests/test_data_parallel.py covers them.
-_NEEDS_MESH = {"data_parallel"}
+_NEEDS_MESH = {"data_parallel", "sharded_majority_vote"}
 
 
 def test_every_public_factory_has_a_default_call():
