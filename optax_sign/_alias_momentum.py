@@ -120,21 +120,9 @@ def scale_by_alias_momentum(
     if has_decay and params is None:
       raise ValueError("scale_by_alias_momentum with weight_decay > 0 needs "
                        "params: call update(grads, state, params)")
-    if params is not None:
-      _checks.check_shapes(
-          updates, [jnp.shape(p) for p in jax.tree.leaves(params)], "params")
-    _checks.check_shapes(updates, [jnp.shape(m) for m in jax.tree.leaves(
-        state.mu)], "the state from init")
+    _check_shapes(updates, state, params)
     t = state.count
-    if signed:
-      prev = _bits.unpack_signs(state.previous, updates)
-      c = jax.tree.map(lambda g, s: jnp.sum(g.astype(_F32) * s), updates, prev)
-    else:
-      c = jax.tree.map(
-          lambda g, p: jnp.sum(jnp.abs(g.astype(_F32)) * jnp.abs(
-              p.astype(_F32))), updates, state.previous)
-    if not per_tensor:
-      c = sum(jax.tree.leaves(c), jnp.zeros([], _F32))
+    c = _correlation(updates, state.previous, signed, per_tensor)
     rb2 = b2 ** 0.5
     running = jax.tree.map(
         lambda r, d, ci: jnp.where(t > 0, rb2 * r + (1 - rb2) * d * ci, r),
@@ -142,20 +130,8 @@ def scale_by_alias_momentum(
     dist = jax.tree.map(jnp.maximum, state.distance, running)
     d_tree = (dist if per_tensor
               else jax.tree.map(lambda _: dist, updates))
-    mu = jax.tree.map(
-        lambda g, m, d: b1 * m.astype(_F32) + (1 - b1) * d * g.astype(_F32),
-        updates, state.mu, d_tree)
-    nu = jax.tree.map(
-        lambda g, v, d: b2 * v.astype(_F32)
-        + (1 - b2) * jnp.square(d * g.astype(_F32)), updates, state.nu, d_tree)
-    if direction == "sign_snr":
-      dirs = jax.tree.map(
-          lambda m, v, d: d * jnp.hypot(m, eps ** 0.5) / jnp.sqrt(v + eps)
-          * jnp.sign(m),  # hypot: m^2 would overflow first
-          mu, nu, d_tree)
-    else:
-      dirs = jax.tree.map(lambda m, v, d: d * m / (jnp.sqrt(v) + eps),
-                          mu, nu, d_tree)
+    mu, nu = _moments(updates, state, d_tree, b1, b2)
+    dirs = _direction(mu, nu, d_tree, direction, eps)
     if has_decay:
       dirs = jax.tree.map(lambda u, x: u + weight_decay * x.astype(_F32),
                           dirs, params)
@@ -172,3 +148,52 @@ def scale_by_alias_momentum(
                   else _sign.cast_like(updates, state.previous)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_shapes(updates: Any, state: AliasMomentumState, params: Any) -> None:
+  """Raises for updates shaped unlike ``params`` or the moments of ``init``."""
+  if params is not None:
+    _checks.check_shapes(
+        updates, [jnp.shape(p) for p in jax.tree.leaves(params)], "params")
+  _checks.check_shapes(updates, [jnp.shape(m) for m in jax.tree.leaves(
+      state.mu)], "the state from init")
+
+
+def _correlation(updates: Any, previous: Any, signed: bool,
+                 per_tensor: bool) -> Any:
+  """:math:`c_t`: <g_t, sign(g_{t-1})> or sum |g_t||g_{t-1}|, per leaf or
+  summed over the leaves."""
+  if signed:
+    prev = _bits.unpack_signs(previous, updates)
+    c = jax.tree.map(lambda g, s: jnp.sum(g.astype(_F32) * s), updates, prev)
+  else:
+    c = jax.tree.map(
+        lambda g, p: jnp.sum(jnp.abs(g.astype(_F32)) * jnp.abs(
+            p.astype(_F32))), updates, previous)
+  if not per_tensor:
+    c = sum(jax.tree.leaves(c), jnp.zeros([], _F32))
+  return c
+
+
+def _moments(updates: Any, state: AliasMomentumState, d_tree: Any,
+             b1: float, b2: float) -> tuple:
+  """:math:`m_t` and :math:`v_t` of the distance-scaled gradient, float32."""
+  mu = jax.tree.map(
+      lambda g, m, d: b1 * m.astype(_F32) + (1 - b1) * d * g.astype(_F32),
+      updates, state.mu, d_tree)
+  nu = jax.tree.map(
+      lambda g, v, d: b2 * v.astype(_F32)
+      + (1 - b2) * jnp.square(d * g.astype(_F32)), updates, state.nu, d_tree)
+  return mu, nu
+
+
+def _direction(mu: Any, nu: Any, d_tree: Any, direction: str,
+               eps: float) -> Any:
+  """``sign_snr``: d sqrt((m^2 + eps) / (v + eps)) sign(m), with ``hypot``
+  (m^2 would overflow first); ``adam``: d m / (sqrt(v) + eps)."""
+  if direction == "sign_snr":
+    return jax.tree.map(
+        lambda m, v, d: d * jnp.hypot(m, eps ** 0.5) / jnp.sqrt(v + eps)
+        * jnp.sign(m), mu, nu, d_tree)
+  return jax.tree.map(lambda m, v, d: d * m / (jnp.sqrt(v) + eps),
+                      mu, nu, d_tree)

@@ -169,49 +169,7 @@ def local_steps(
         inner_state=inner.init(params),
         outer_state=outer.init(anchor))
 
-  def average(local_new, anchor, alive):
-    """The workers' mean model, over the live ones with ``alive=``."""
-    avg = jax.tree.map(lambda x, a: x.astype(a.dtype), local_new, anchor)
-    if axis_name is None:
-      return avg, None
-    n = _communication.axis_size(axis_name)
-    alive, own = _communication.alive_flags(alive, axis_name, n)
-    if alive is None:
-      return jax.lax.pmean(avg, axis_name), None
-    live = _communication.live_workers(axis_name, n, alive, own)
-    total = jax.lax.psum(jax.tree.map(
-        lambda x: jnp.where(own, x, jnp.zeros_like(x)), avg), axis_name)
-    return jax.tree.map(lambda x: x / jnp.maximum(live, 1).astype(x.dtype),
-                        total), live > 0
-
-  def sync_step(count, local_new, anchor, outer_state, alive):
-    avg, any_live = average(local_new, anchor, alive)
-    new_anchor, new_outer = outer_step(count, avg, anchor, outer_state)
-    if any_live is None:
-      return new_anchor, new_outer
-    # No live worker: no outer step; everyone returns to the anchor.
-    return (optax.tree.where(any_live, new_anchor, anchor),
-            optax.tree.where(any_live, new_outer, outer_state))
-
-  def outer_step(count, avg, anchor, outer_state):
-    delta = optax.tree.sub(anchor, avg)
-    if not scaled:
-      step, new_outer = outer.update(delta, outer_state, anchor)
-      new_anchor = jax.tree.map(lambda a, u: (a + u).astype(a.dtype),
-                                anchor, step)
-      return new_anchor, new_outer
-    gamma = (inner_learning_rate(count) if callable(inner_learning_rate)
-             else inner_learning_rate)
-    gamma = jnp.asarray(gamma)
-    active = gamma > 0
-    safe_gamma = jnp.where(active, gamma, 1.0)
-    pseudo_grad = jax.tree.map(lambda d: d / safe_gamma.astype(d.dtype), delta)
-    step, new_outer = outer.update(pseudo_grad, outer_state, anchor)
-    new_anchor = jax.tree.map(
-        lambda a, u: jnp.where(active, a + safe_gamma.astype(a.dtype) * u,
-                               a).astype(a.dtype), anchor, step)
-    new_outer = optax.tree.where(active, new_outer, outer_state)
-    return new_anchor, new_outer
+  scaled_lr = inner_learning_rate if scaled else None
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -228,8 +186,13 @@ def local_steps(
     def on_sync(operands):
       count, inner_updates, params, anchor, outer_state = operands
       local_new = optax.apply_updates(params, inner_updates)
-      new_anchor, new_outer = sync_step(count, local_new, anchor, outer_state,
-                                        extra_args.get("alive"))
+      avg, any_live = _average(local_new, anchor, axis_name,
+                               extra_args.get("alive"))
+      new_anchor, new_outer = _outer_step(outer, scaled_lr, count, avg,
+                                          anchor, outer_state)
+      if any_live is not None:  # no live worker: back to the anchor
+        new_anchor = optax.tree.where(any_live, new_anchor, anchor)
+        new_outer = optax.tree.where(any_live, new_outer, outer_state)
       emitted = jax.tree.map(
           lambda a, p, u, ax: _vary((a - p.astype(a.dtype)).astype(u.dtype),
                                     ax),
@@ -259,6 +222,51 @@ def local_steps(
     return emitted, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _average(local_new: Any, anchor: Any, axis_name: AxisName,
+             alive: Any) -> Tuple[Any, Optional[jax.Array]]:
+  """The workers' mean model in the anchor's dtypes, over the live ones with
+  ``alive=`` (then also whether any worker is alive)."""
+  avg = jax.tree.map(lambda x, a: x.astype(a.dtype), local_new, anchor)
+  if axis_name is None:
+    return avg, None
+  n = _communication.axis_size(axis_name)
+  alive, own = _communication.alive_flags(alive, axis_name, n)
+  if alive is None or own is None:
+    return jax.lax.pmean(avg, axis_name), None
+  live = _communication.live_workers(axis_name, n, alive, own)
+  total = jax.lax.psum(jax.tree.map(
+      lambda x: jnp.where(own, x, jnp.zeros_like(x)), avg), axis_name)
+  return jax.tree.map(lambda x: x / jnp.maximum(live, 1).astype(x.dtype),
+                      total), live > 0
+
+
+def _outer_step(outer: optax.GradientTransformation,
+                inner_learning_rate: Optional[optax.ScalarOrSchedule],
+                count: jax.Array, avg: Any, anchor: Any,
+                outer_state: Any) -> Tuple[Any, Any]:
+  """The new anchor and outer state from the averaged model; with
+  ``inner_learning_rate`` (``"inner_lr"`` scaling) the pseudo-gradient is
+  divided by gamma_t and the outer update multiplied by it (no step for
+  gamma_t <= 0)."""
+  delta = optax.tree.sub(anchor, avg)
+  if inner_learning_rate is None:
+    step, new_outer = outer.update(delta, outer_state, anchor)
+    new_anchor = jax.tree.map(lambda a, u: (a + u).astype(a.dtype),
+                              anchor, step)
+    return new_anchor, new_outer
+  gamma = (inner_learning_rate(count) if callable(inner_learning_rate)
+           else inner_learning_rate)
+  gamma = jnp.asarray(gamma)
+  active = gamma > 0
+  safe_gamma = jnp.where(active, gamma, 1.0)
+  pseudo_grad = jax.tree.map(lambda d: d / safe_gamma.astype(d.dtype), delta)
+  step, new_outer = outer.update(pseudo_grad, outer_state, anchor)
+  new_anchor = jax.tree.map(
+      lambda a, u: jnp.where(active, a + safe_gamma.astype(a.dtype) * u,
+                             a).astype(a.dtype), anchor, step)
+  return new_anchor, optax.tree.where(active, new_outer, outer_state)
 
 
 def local_steps_anchor(state: optax.OptState) -> optax.Params:
