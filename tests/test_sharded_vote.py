@@ -173,3 +173,18 @@ def test_fsdp_vote_refuses_what_it_cannot_vote():
     call({"w": jnp.ones((3, 3))})
   with pytest.raises(ValueError, match="leaves"):
     call({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("tie", ["zero", "positive"])
+def test_named_vmap_blocks_are_the_replicated_vote(tie):
+  """Under a named ``vmap`` worker j's output is block j of the vote of
+  every worker's full gradient (with zeros and odd sizes: 5 x 3 blocks)."""
+  g = jax.random.normal(jax.random.key(3), (N, 4 * 5, 3))
+  g = g.at[:, ::4].set(0.0)  # local zeros: abstain with tie="zero"
+  shard = jnp.zeros((5, 3))
+  blocks = jax.vmap(lambda x: optax_sign.vote_signs_sharded(
+      {"w": x}, {"w": shard}, "i", tie=tie)["w"], axis_name="i")(g)
+  full = jax.vmap(lambda x: optax_sign.vote_signs(x, "i", tie=tie),
+                  axis_name="i")(g)[0]
+  np.testing.assert_array_equal(np.asarray(blocks).reshape(full.shape),
+                                np.asarray(full))
