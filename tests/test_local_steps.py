@@ -502,6 +502,13 @@ def _callees(body):
   return names
 
 
+def _sync_loop_body(text):
+  """The body computation of the program's one while loop (the sync step)."""
+  loops = re.findall(r" while\(.*body=%?([\w.\-]+)", text)
+  assert len(loops) == 1, loops
+  return loops[0]
+
+
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter",
                 "collective-permute", "all-to-all")
 
@@ -527,21 +534,18 @@ def _allreduce_bytes(body):
   return total
 
 
-def test_hlo_collectives_only_in_sync_branch_one_fp32_allreduce():
+def test_hlo_collectives_only_in_sync_loop_one_fp32_allreduce():
   opt = _dsm(3, 0.05)
   fn = _shard_map_fn(opt, 1, _mesh())
   text = fn.lower(*_shard_map_args(opt)).compile().as_text()
   comps = _hlo_computations(text)
   entry = comps["__entry__"]
-  conds = re.findall(r"conditional\(.*branch_computations=\{([^}]*)\}", text)
-  assert len(conds) == 1, conds
-  false_branch, true_branch = [n.strip().lstrip("%")
-                               for n in conds[0].split(",")]
-  outside = _reachable(comps, entry, skip={true_branch})
-  for c in outside | _reachable(comps, false_branch):
+  body = _sync_loop_body(text)
+  assert "conditional(" not in text
+  for c in _reachable(comps, entry, skip={body}):
     assert not any(op + "(" in comps[c] or op + "-start(" in comps[c]
                    for op in _COLLECTIVES), (c, comps[c])
-  sync = _reachable(comps, true_branch)
+  sync = _reachable(comps, body)
   sync_text = "\n".join(comps[c] for c in sync)
   assert _allreduce_bytes(sync_text) == 4 * NUM_PARAMS
   for op in _COLLECTIVES[1:]:
@@ -632,9 +636,10 @@ def _vmap_step(tx):
   return step
 
 
-def test_vmap_state_keeps_the_sync_in_a_conditional_and_equals_batched():
-  """local_steps_vmap_state keeps lax.cond (a batched counter makes it a
-  select that averages every step); both give the same bits."""
+def test_vmap_state_and_batched_counter_give_the_same_bits():
+  """local_steps_vmap_state keeps the sync loop's predicate a scalar; a
+  batched counter batches it (the loop runs while any worker syncs, and all
+  sync together); both give the same bits."""
   tx = optax_sign.dsm_ls(0.05, sync_every=4, axis_name="w", learning_rate=2.0)
   xs, ys = _vmap_problem()
   params = {"w": jnp.zeros((4, 8))}
@@ -644,9 +649,11 @@ def test_vmap_state_keeps_the_sync_in_a_conditional_and_equals_batched():
   step = jax.jit(jax.vmap(_vmap_step(tx), in_axes=(0, axes, 0, 0),
                           out_axes=(0, axes), axis_name="w"))
   batched_step = jax.jit(jax.vmap(_vmap_step(tx), axis_name="w"))
-  assert "conditional(" in step.lower(params, state, xs, ys).compile().as_text()
-  assert "conditional(" not in batched_step.lower(
-      params, jax.vmap(tx.init)(params), xs, ys).compile().as_text()
+  preds = [re.findall(r"= \((pred\[\d*\])[^=]* while\(", f.lower(
+      p, st, xs, ys).compile().as_text()) for f, p, st in (
+          (step, params, state),
+          (batched_step, params, jax.vmap(tx.init)(params)))]
+  assert preds == [["pred[]"], ["pred[4]"]], preds
   p1, s1, p2, s2 = params, state, params, jax.vmap(tx.init)(params)
   for _ in range(10):
     p1, s1 = step(p1, s1, xs, ys)
@@ -657,9 +664,21 @@ def test_vmap_state_keeps_the_sync_in_a_conditional_and_equals_batched():
                              atol=1e-7)
 
 
-def test_spmd_vmap_on_replica_mesh_one_allreduce_over_replica_in_cond():
+def _replica_collectives(comps, roots, mesh, skip=()):
+  text = "\n".join(comps[c] for root in roots
+                   for c in _reachable(comps, root, skip=skip))
+  report = optax_sign._wire.parse_collectives(text, mesh=mesh)
+  return [(c.op, c.dtype, c.axes) for c in report.collectives
+          if "replica" in c.axes]
+
+
+@pytest.mark.parametrize("batched_counter", [False, True])
+def test_spmd_vmap_on_replica_mesh_one_allreduce_over_replica_in_loop(
+    batched_counter):
   """MaxText layout: replicas stacked on a leading axis sharded over
-  "replica", each replica's params sharded over "fsdp"."""
+  "replica", each replica's params sharded over "fsdp". The parameter
+  all-reduce runs inside the sync loop only, also with a batched counter
+  (whose loop condition all-reduces one flag per replica)."""
   mesh = jax.make_mesh((4, 2), ("replica", "fsdp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   tx = optax_sign.dsm_ls(0.05, sync_every=4, axis_name="replica")
@@ -673,30 +692,30 @@ def test_spmd_vmap_on_replica_mesh_one_allreduce_over_replica_in_cond():
       anchor={"w": shard(state.anchor["w"], P("fsdp"))},
       inner_state=jax.tree.map(lambda x: shard(x, P("replica")),
                                state.inner_state))
+  if batched_counter:
+    state = jax.vmap(tx.init)(params)
+    axes = 0
   step = jax.jit(jax.vmap(_vmap_step(tx), in_axes=(0, axes, 0, 0),
                           out_axes=(0, axes), axis_name="replica",
                           spmd_axis_name="replica"))
   args = (params, state, shard(xs, P("replica")), shard(ys, P("replica")))
-  compiled = step.lower(*args).compile()
-  text = compiled.as_text()
+  text = step.lower(*args).compile().as_text()
   comps = _hlo_computations(text)
-  conds = re.findall(r"conditional\(.*branch_computations=\{([^}]*)\}", text)
-  assert len(conds) == 1, conds
-  _, true_branch = [n.strip().lstrip("%") for n in conds[0].split(",")]
-  sync_text = "\n".join(comps[c] for c in _reachable(comps, true_branch))
-  report = optax_sign._wire.parse_collectives(sync_text, mesh=mesh)
-  replica = [c for c in report.collectives if "replica" in c.axes]
-  assert [(c.op, c.dtype, c.axes) for c in replica] == [
-      ("all-reduce", "f32", ("replica",))], report
-  outside = optax_sign._wire.parse_collectives(
-      "\n".join(comps[c] for c in _reachable(
-          comps, comps["__entry__"], skip={true_branch})), mesh=mesh)
-  assert not [c for c in outside.collectives if "replica" in c.axes], outside
+  body = _sync_loop_body(text)
+  assert _replica_collectives(comps, [body], mesh) == [
+      ("all-reduce", "f32", ("replica",))]
+  outside = _replica_collectives(comps, [comps["__entry__"]], mesh,
+                                 skip={body})
+  assert outside == ([("all-reduce", "pred", ("replica",))]
+                     if batched_counter else []), outside
   for _ in range(8):
     params, state = jax.block_until_ready(step(params, state, *args[2:]))
-  assert float(_vmap_loss(optax_sign.local_steps_anchor(state), xs[0],
-                          ys[0])) < float(_vmap_loss({"w": jnp.zeros(8)},
-                                                     xs[0], ys[0]))
+  anchor = optax_sign.local_steps_anchor(state)
+  if batched_counter:  # every replica holds the same anchor
+    np.testing.assert_array_equal(anchor["w"], anchor["w"][:1].repeat(4, 0))
+    anchor = {"w": anchor["w"][0]}
+  assert float(_vmap_loss(anchor, xs[0], ys[0])) < float(
+      _vmap_loss({"w": jnp.zeros(8)}, xs[0], ys[0]))
 
 
 def test_unbound_axis_name_is_a_clear_error():

@@ -60,9 +60,9 @@ def _optimizers():
       "optax.adamw": (optax.adamw(1e-3), {}),
       "optax.contrib.prodigy": (optax.contrib.prodigy(), {}),
       # local_steps(adamw, global_sign_momentum): a non-sync and a sync step,
-      # with the counter's lax.cond and with sync= chosen on the host.
-      "local_steps non-sync (cond)": (_local_steps(2**30), {}),
-      "local_steps sync (cond)": (_local_steps(1), {}),
+      # with the counter's sync loop and with sync= chosen on the host.
+      "local_steps non-sync (counter)": (_local_steps(2**30), {}),
+      "local_steps sync (counter)": (_local_steps(1), {}),
       "local_steps non-sync (sync=False)": (_local_steps(12), {"sync": False}),
       "local_steps sync (sync=True)": (_local_steps(12), {"sync": True}),
   }
