@@ -17,6 +17,14 @@ at trace time, before any step, by tracing one update from a shared state
 (JAX's varying-axes types mark what depends on a worker's own gradient), to a
 fixed point; so the state's structure depends only on the parameters' shapes.
 
+**FSDP over the worker axis.** On an Explicit worker axis, parameters may be
+sharded along their leading dimension over it (ZeRO / FSDP):
+:func:`~optax_sign.worker_value_and_grad` gathers them and gives each worker
+the full-size gradient, and ``inner`` (a chain with
+:func:`~optax_sign.sharded_majority_vote`) returns each worker's update of
+the shard it holds, so parameters, updates and the state leaves made from
+them stay sharded; nothing else is gathered.
+
 **Layout.** The ``shard_map`` is manual over the worker axis only, so the
 other mesh axes stay with the compiler and any optax step in the chain
 (``clip_by_global_norm``, schedules) sees whole leaves. The library's own
@@ -32,7 +40,7 @@ with the arrays' specs): JAX 0.10 lowers a partly manual region with its
 other Explicit axes replicated, which would all-gather every sharded leaf.
 """
 
-from typing import Any, Dict, Hashable, Optional, Sequence
+from typing import Any, Dict, Hashable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,16 +85,46 @@ def _first_changed_path(tree: Any) -> Optional[str]:
   return None
 
 
-def _trace_step(inner, mesh, axis_name, params, state, mask, extra):
-  """Traces one update (no run) with ``mask``-ed state leaves per worker.
+class _Layout(NamedTuple):
+  """How each leaf crosses the worker axis (trees of booleans)."""
+  params: Any  # the parameter is sharded over the workers (FSDP)
+  state: Any  # the state leaf is sharded like an FSDP parameter
+  mask: Any  # the state leaf has one copy per worker (a leading axis)
+
+
+def _specs(flags: Any, axis_name: Hashable) -> Any:
+  return jax.tree.map(lambda f: P(axis_name) if f else P(), flags)
+
+
+def _check_shapes(updates: Any, params: Any, fsdp: Any) -> None:
+  """The updates are shaped like the parameters (the shards under FSDP)."""
+  for (path, u), p, sharded in zip(
+      jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params),
+      jax.tree.leaves(fsdp)):
+    if jnp.shape(u) != jnp.shape(p):
+      hint = (" With parameters sharded over the worker axis, aggregate "
+              "with sharded_majority_vote (each worker's update is its "
+              "shard's)." if sharded else "")
+      raise ValueError(
+          f"the update {jax.tree_util.keystr(path)} has shape {jnp.shape(u)}"
+          f" and its parameter {'shard ' if sharded else ''}"
+          f"{jnp.shape(p)}.{hint}")
+
+
+def _trace_step(inner, mesh, axis_name, params, state, layout, extra):
+  """Traces one update (no run) with ``layout.mask``-ed state leaves per
+  worker.
 
   Returns:
     ``(updates_vary, state_vary)``: trees of booleans, whether each output
-    leaf varies over ``axis_name``.
+    leaf varies over ``axis_name`` (always ``False`` for FSDP leaves, whose
+    shards differ by construction).
   """
   num_workers = mesh.shape[axis_name]
   found = {}
-  state_specs = jax.tree.map(lambda m: P(axis_name) if m else P(), mask)
+  mask = layout.mask
+  unsharded = lambda vary, fsdp: jax.tree.map(lambda v, f: v and not f,
+                                             vary, fsdp)
 
   per_worker, shared = extra
 
@@ -94,12 +132,16 @@ def _trace_step(inner, mesh, axis_name, params, state, mask, extra):
     state = jax.tree.map(lambda x, m: x[0] if m else x, state, mask)
     updates, new_state = inner.update(_drop_first(grads), state, params,
                                       **_drop_first(per_worker), **shared)
-    found["updates"] = _varies(updates, axis_name)
-    found["state"] = _varies(new_state, axis_name)
+    _check_shapes(updates, params, layout.params)
+    found["updates"] = unsharded(_varies(updates, axis_name), layout.params)
+    found["state"] = unsharded(_varies(new_state, axis_name), layout.state)
     return _sharding.stack((updates, new_state))
 
   grads = _abstract(params, jax.tree.map(lambda _: True, params), num_workers)
-  specs = (P(axis_name), state_specs, P(), P(axis_name), P())
+  state_specs = _specs(jax.tree.map(lambda m, f: m or f, mask, layout.state),
+                       axis_name)
+  specs = (P(axis_name), state_specs, _specs(layout.params, axis_name),
+           P(axis_name), P())
   args = (grads, _abstract(state, mask, num_workers), params, per_worker,
           shared)
   region = jax.shard_map(body, mesh=mesh, axis_names={axis_name},
@@ -137,31 +179,40 @@ def _traced_extra(names: Sequence[str], params: Any,
   return {name: kinds[name]() for name in names}, shared
 
 
-def worker_state_mask(inner: optax.GradientTransformationExtraArgs,
-                      params: Any, mesh: Any, axis_name: Hashable,
-                      per_worker_args: Sequence[str] = ("value",)) -> Any:
-  """Which leaves of ``inner.init(params)`` differ between workers.
+def state_layout(inner: optax.GradientTransformationExtraArgs,
+                 params: Any, mesh: Any, axis_name: Hashable,
+                 per_worker_args: Sequence[str] = ("value",)) -> _Layout:
+  """Which parameters and leaves of ``inner.init(params)`` are FSDP shards,
+  and which state leaves differ between workers.
 
-  The fixed point of tracing one update, with the extra arguments named in
+  A state leaf that ``init`` shards over the worker axis (made from an FSDP
+  parameter) is an FSDP shard; of the others, the per-worker ones are the
+  fixed point of tracing one update, with the extra arguments named in
   ``per_worker_args`` given per worker, from a state whose per-worker leaves
   are those found so far.
 
   Raises:
-    ValueError: if the updates still differ between workers.
+    ValueError: if the updates still differ between workers, or are not
+      shaped like the parameters (their shards).
   """
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x),
-                                                        x.dtype), params)
+  fsdp = _sharding.worker_sharded(params, axis_name, "parameter")
+  params = jax.tree.map(
+      lambda x, f: jax.ShapeDtypeStruct(
+          jnp.shape(x), x.dtype,
+          sharding=NamedSharding(mesh, P(axis_name)) if f else None),
+      params, fsdp)
   state = jax.eval_shape(inner.init, params)
+  layout = _Layout(fsdp, _sharding.worker_sharded(state, axis_name, "state"),
+                   jax.tree.map(lambda _: False, state))
   extra = _traced_extra(per_worker_args, params, mesh.shape[axis_name])
-  mask = jax.tree.map(lambda _: False, state)
   while True:
     updates_vary, state_vary = _trace_step(inner, mesh, axis_name, params,
-                                           state, mask, extra)
+                                           state, layout, extra)
     _check_agreed(updates_vary, axis_name)
-    new_mask = jax.tree.map(lambda a, b: a or b, mask, state_vary)
-    if new_mask == mask:
-      return mask
-    mask = new_mask
+    mask = jax.tree.map(lambda a, b: a or b, layout.mask, state_vary)
+    if mask == layout.mask:
+      return layout
+    layout = layout._replace(mask=mask)
 
 
 def _check_agreed(updates_vary: Any, axis_name: Hashable) -> None:
@@ -249,9 +300,11 @@ def data_parallel(
 
   Raises:
     ValueError: at ``init`` or trace time, if ``inner``'s updates still differ
-      between the workers (no aggregator over ``axis_name`` in it), if
-      parameters are sharded over ``axis_name``, or if extra arguments make a
-      shared state leaf per worker.
+      between the workers (no aggregator over ``axis_name`` in it), are not
+      shaped like the parameters (their shards under FSDP), if parameters
+      are sharded over ``axis_name`` other than along their leading
+      dimension of an Explicit axis, or if extra arguments make a shared
+      state leaf per worker.
 
   Example:
     >>> tx = data_parallel(optax.chain(majority_vote("data"),
@@ -266,26 +319,24 @@ def data_parallel(
 
   def init_fn(params):
     found = _sharding.find_mesh(mesh, params, axis_name)
-    _sharding.check_replicated(params, axis_name, "parameter")
-    mask = worker_state_mask(inner, params, found, axis_name, per_worker_args)
-    return _place(inner.init(params), mask, found, axis_name)
+    layout = state_layout(inner, params, found, axis_name, per_worker_args)
+    return _place(inner.init(params), layout.mask, found, axis_name)
 
   def update_fn(updates, state, params=None, **extra_args):
     found = _sharding.find_mesh(mesh, (updates, params), axis_name)
-    _sharding.check_replicated(params, axis_name, "parameter")
     like = (params if params is not None
             else _one_worker_shapes(updates))
-    mask = worker_state_mask(inner, like, found, axis_name, per_worker_args)
-    return _run(inner, found, axis_name, mask, updates, state, params,
+    layout = state_layout(inner, like, found, axis_name, per_worker_args)
+    return _run(inner, found, axis_name, layout, updates, state, params,
                 extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _run(inner, mesh, axis_name, mask, updates, state, params, extra_args):
+def _run(inner, mesh, axis_name, layout, updates, state, params, extra_args):
   """The ``shard_map`` of one update, manual over the workers' axis only."""
+  mask = layout.mask
   split = _split_extra(extra_args, mesh.shape[axis_name])
-  spec = lambda stacked: P(axis_name) if stacked else P()
   every = lambda tree, flag: jax.tree.map(lambda _: flag, tree)
   trees, stacked = ((updates, state, params, extra_args),
                     (every(updates, True), mask, every(params, False), split))
@@ -294,8 +345,8 @@ def _run(inner, mesh, axis_name, mask, updates, state, params, extra_args):
   free = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
                if t == _EXPLICIT and a != axis_name)
   # The leaves' layouts over the other axes, as one worker sees them.
-  local = jax.tree.map(lambda x, s: P(*_sharding.spec_of(x)[int(s):]),
-                       trees, stacked)
+  local = jax.tree.map(lambda x, s: P(*_sharding.without_axis(
+      _sharding.spec_of(x)[int(s):], axis_name)), trees, stacked)
 
   def body(updates, state, params, extra_args):
     state = jax.tree.map(lambda x, m: x[0] if m else x, state, mask)
@@ -306,24 +357,35 @@ def _run(inner, mesh, axis_name, mask, updates, state, params, extra_args):
                                           in_sharding=local)
     new_updates, new_state = update(_drop_first(updates), state, params,
                                     extra_args)
-    _check_agreed(_varies(new_updates, axis_name), axis_name)
-    _check_shared(jax.tree.map(lambda v, m: v and not m,
-                               _varies(new_state, axis_name), mask), axis_name)
+    _check_shapes(new_updates, params, layout.params)
+    _check_agreed(jax.tree.map(lambda v, f: v and not f,
+                               _varies(new_updates, axis_name), layout.params),
+                  axis_name)
+    _check_shared(jax.tree.map(lambda v, m, f: v and not (m or f),
+                               _varies(new_state, axis_name), mask,
+                               layout.state), axis_name)
     return new_updates, jax.tree.map(lambda x, m: x[None] if m else x,
                                      new_state, mask)
 
-  state_specs = jax.tree.map(spec, mask)
+  state_specs = _specs(jax.tree.map(lambda m, f: m or f, mask, layout.state),
+                       axis_name)
+  update_specs = _specs(layout.params, axis_name)
   region = jax.shard_map(
       body, mesh=_sharding.with_auto(mesh, free), axis_names={axis_name},
-      in_specs=(P(axis_name), state_specs, P(), jax.tree.map(spec, split)),
-      out_specs=(P(), state_specs))
+      in_specs=(P(axis_name), state_specs,
+                P() if params is None else update_specs,
+                _specs(split, axis_name)),
+      out_specs=(update_specs, state_specs))
   if not free:
     return region(*trees)
   # JAX lowers a region manual over some axes with its other Explicit axes
   # replicated at the boundary (an all-gather of every sharded leaf); made
   # Auto there and Explicit again inside, the leaves stay sharded.
   named = lambda p: NamedSharding(mesh, p)
-  out = (jax.tree.map(named, local[0], is_leaf=lambda x: isinstance(x, P)),
+  update_out = local[0] if params is None else jax.tree.map(  # FSDP: shards
+      lambda spec, p, f: P(*_sharding.spec_of(p)) if f else spec,
+      local[0], params, layout.params, is_leaf=lambda x: isinstance(x, P))
+  out = (jax.tree.map(named, update_out, is_leaf=lambda x: isinstance(x, P)),
          jax.tree.map(lambda x: named(P(*_sharding.spec_of(x))), trees[1]))
   return jax.sharding.auto_axes(region, axes=free, out_sharding=out)(*trees)
 

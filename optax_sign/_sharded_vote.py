@@ -26,6 +26,7 @@ import optax
 
 from optax_sign import _checks
 from optax_sign import _communication as _c
+from optax_sign import _sharding
 
 AxisName = _c.AxisName
 
@@ -70,6 +71,31 @@ def _own_block_vote(rows: jax.Array, axis_name: AxisName, n: int, tie: str,
   return _c.tie_sign_int(count, tie)
 
 
+def _own_block_votes(leaves: List[Any], axis_name: AxisName, n: int,
+                     tie: str, alive: Optional[jax.Array],
+                     own: Optional[jax.Array]) -> List[Any]:
+  """This worker's block of the vote of each full-size local leaf, one
+  all-to-all per group of leaves of one layout (:func:`leaf_groups`)."""
+  out = list(leaves)
+  live = (_c.live_workers(axis_name, n, alive, own)
+          if alive is not None and tie != "zero" else None)
+  for group in _c.leaf_groups(leaves):
+    rows = jnp.concatenate([
+        _c.masked(_c.tie_sign_int(leaves[i], tie), own).reshape(n, -1)
+        for i in group], axis=1)
+    vote = _own_block_vote(rows, axis_name, n, tie, alive)
+    if live is not None:  # no voter: no step
+      vote = jnp.where(live > 0, vote, jnp.int8(0))
+    start = 0
+    for i in group:
+      size = leaves[i].size // n
+      out[i] = vote[start:start + size].reshape(
+          (leaves[i].shape[0] // n,) + leaves[i].shape[1:]).astype(
+              leaves[i].dtype)
+      start += size
+  return out
+
+
 def vote_signs_sharded(tree: Any, params: Any, axis_name: AxisName, *,
                        tie: str = "zero",
                        alive: Optional[jax.Array] = None) -> Any:
@@ -104,21 +130,11 @@ def vote_signs_sharded(tree: Any, params: Any, axis_name: AxisName, *,
     for i, v in zip(whole, votes):
       out[i] = v
   if sharded:
-    alive, own = _c.alive_flags(alive, axis_name, n)
-    rows = jnp.concatenate([
-        _c.masked(_c.tie_sign_int(leaves[i], tie), own).reshape(n, -1)
-        for i in sharded], axis=1)
-    vote = _own_block_vote(rows, axis_name, n, tie, alive)
-    if alive is not None and tie != "zero":  # no voter: no step
-      live = _c.live_workers(axis_name, n, alive, own)
-      vote = jnp.where(live > 0, vote, jnp.int8(0))
-    start = 0
-    for i in sharded:
-      size = leaves[i].size // n
-      out[i] = vote[start:start + size].reshape(
-          (leaves[i].shape[0] // n,) + leaves[i].shape[1:]).astype(
-              leaves[i].dtype)
-      start += size
+    blocks = _sharding.on_local_shards(
+        lambda ls, flags: _own_block_votes(ls, axis_name, n, tie, *flags),
+        [leaves[i] for i in sharded], _c.alive_flags(alive, axis_name, n))
+    for i, v in zip(sharded, blocks):
+      out[i] = v
   return jax.tree.unflatten(treedef, out)
 
 

@@ -1,8 +1,8 @@
 """Meshes, partition specs and worker-stacked trees for the sharded entry points.
 
 Shared by :mod:`optax_sign._worker_grad` and :mod:`optax_sign._data_parallel`:
-finding the mesh of a call, reading a leaf's ``PartitionSpec``, refusing
-leaves sharded over the worker axis, and the leading worker axis convention
+finding the mesh of a call, reading a leaf's ``PartitionSpec``, finding
+leaves sharded over the worker axis (FSDP), and the leading worker axis convention
 (``x[None]`` inside a ``shard_map`` body, ``P(axis)`` outside).
 """
 
@@ -68,17 +68,43 @@ def _uses(entry: Any, axis_name: Hashable) -> bool:
   return entry == axis_name or (isinstance(entry, tuple) and axis_name in entry)
 
 
-def check_replicated(tree: Any, axis_name: Hashable, what: str) -> None:
-  """Raises if a leaf of ``tree`` is sharded over the worker axis."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if any(_uses(e, axis_name) for e in spec_of(leaf)):
+def worker_sharded(tree: Any, axis_name: Hashable, what: str) -> Any:
+  """Per leaf of ``tree``, whether its leading dimension is sharded over the
+  worker axis (FSDP / ZeRO over that axis); ``False`` for leaves the workers
+  hold whole.
+
+  Raises:
+    ValueError: if the worker axis shards another dimension of a leaf, or
+      the leading dimension of a leaf on a mesh where that axis is not
+      Explicit (inside ``jit`` its layout would be unknown).
+  """
+  def sharded(path, leaf):
+    spec = spec_of(leaf)
+    where = [d for d, e in enumerate(spec) if _uses(e, axis_name)]
+    name = f"{what} {jax.tree_util.keystr(path)}"
+    if not where:
+      return False
+    if where != [0] or spec[0] != axis_name:
       raise ValueError(
-          f"{what} {jax.tree_util.keystr(path)} is sharded over the worker "
-          f"axis {axis_name!r} (FSDP over the voted axis): every worker must "
-          "hold the whole leaf on that axis. Shard it over another mesh axis "
-          "(for example 'fsdp' or 'model') instead, or write the step with "
-          "jax.shard_map and optax_sign.sharded_majority_vote, the "
-          "shard-aligned vote.")
+          f"{name} is sharded over the worker axis {axis_name!r} in "
+          f"dimension(s) {where} of spec {P(*spec)}: FSDP over the worker "
+          "axis shards the leading dimension only, by that axis alone. Shard "
+          "the other dimensions over other mesh axes (for example 'model').")
+    mesh = named_sharding(leaf).mesh
+    if dict(zip(mesh.axis_names, mesh.axis_types))[axis_name] != (
+        jax.sharding.AxisType.Explicit):
+      raise ValueError(
+          f"{name} is sharded over the worker axis {axis_name!r}, which is "
+          "not Explicit: FSDP over the worker axis needs an Explicit axis "
+          "(jax.make_mesh's default), or shard the leaf over another axis.")
+    return True
+
+  return jax.tree_util.tree_map_with_path(sharded, tree)
+
+
+def without_axis(spec: tuple, axis_name: Hashable) -> tuple:
+  """``spec`` with the worker axis dropped (a gathered FSDP leaf)."""
+  return tuple(None if e == axis_name else e for e in spec)
 
 
 def on_context_mesh(x: jax.Array) -> jax.Array:

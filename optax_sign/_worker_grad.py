@@ -48,8 +48,11 @@ def worker_value_and_grad(
   :func:`data_parallel` optimizer, which exchanges only compressed signs.
 
   Arguments in ``argnums`` (parameters, or a ``flax.nnx.Module`` whose
-  ``nnx.Param`` leaves are differentiated) must not be sharded over
-  ``axis_name``; every other argument is split over the workers along its
+  ``nnx.Param`` leaves are differentiated) are held whole by every worker or,
+  on an Explicit worker axis, sharded along their leading dimension over
+  ``axis_name`` (FSDP): such a leaf is all-gathered inside and each worker's
+  gradient is taken with respect to the whole leaf, so its gradient has the
+  leaf's full shape. Every other argument is split over the workers along its
   leading axis (0-d leaves are seen whole by every worker). Call it inside
   ``jax.jit`` or ``nnx.jit``, or eagerly.
 
@@ -98,22 +101,27 @@ def _value_and_grad(fun, axis_name, argnums, single, has_aux, mesh, args,
   """:func:`worker_value_and_grad` for arguments that are pytrees of arrays;
   arguments in ``whole`` are neither differentiated nor split."""
   mesh = _sharding.find_mesh(mesh, args, axis_name)
-  for i in argnums:
-    _sharding.check_replicated(args[i], axis_name, f"argument {i}, leaf")
+  fsdp = {i: _sharding.worker_sharded(args[i], axis_name, f"argument {i}, leaf")
+          for i in argnums}
   if dict(zip(mesh.axis_names, mesh.axis_types))[axis_name] == (
       jax.sharding.AxisType.Explicit):
     args = tuple(a if i in argnums or i in whole else jax.tree.map(
         lambda x: _split_over(x, mesh, axis_name), a)
                  for i, a in enumerate(args))
   split = lambda x: P(axis_name) if jnp.ndim(x) else P()
+  on_axis = lambda sharded: P(axis_name) if sharded else P()
   specs = tuple(
-      jax.tree.map(lambda _: P(), a) if i in argnums or i in whole
+      jax.tree.map(on_axis, fsdp[i]) if i in argnums
+      else jax.tree.map(lambda _: P(), a) if i in whole
       else jax.tree.map(split, a) for i, a in enumerate(args))
 
-  def body(*local):  # batch leaves arrive as this worker's slice
+  def body(*local):  # batch leaves and FSDP shards arrive as this worker's
     local = list(local)
-    for i in argnums:
-      local[i] = _communication.per_worker(local[i], axis_name)
+    for i in argnums:  # FSDP: each worker differentiates the gathered leaf
+      local[i] = _communication.per_worker(jax.tree.map(
+          lambda x, sharded: jax.lax.all_gather(
+              x, axis_name, axis=0, tiled=True) if sharded else x,
+          local[i], fsdp[i]), axis_name)
     diff = argnums[0] if single else argnums
     out, grads = jax.value_and_grad(fun, diff, has_aux=has_aux)(*local)
     return _sharding.stack(out), _sharding.stack(grads)
@@ -130,7 +138,8 @@ def _value_and_grad(fun, axis_name, argnums, single, has_aux, mesh, args,
   # gradients come out sharded like the parameters.
   diff = args[argnums[0]] if single else tuple(args[i] for i in argnums)
   stacked = lambda spec: NamedSharding(mesh, P(axis_name, *spec))
-  grads_sharding = jax.tree.map(lambda x: stacked(_sharding.spec_of(x)), diff)
+  grads_sharding = jax.tree.map(lambda x: stacked(_sharding.without_axis(
+      _sharding.spec_of(x), axis_name)), diff)
   return jax.sharding.auto_axes(
       region, axes=explicit,
       out_sharding=(stacked(()), grads_sharding))(*args)

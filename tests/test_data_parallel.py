@@ -220,14 +220,23 @@ def test_without_an_aggregator_raises_clearly():
     _sharded(lambda axis: optax.sgd(1e-2), steps=1, kind=AxisType.Explicit)
 
 
-def test_params_sharded_over_the_worker_axis_raise():
+def test_fsdp_params_need_the_sharded_vote_and_give_full_size_grads():
+  """Parameters sharded over the worker axis (FSDP): the replicated vote is
+  refused by name; each worker's gradient is the full-size one, bitwise the
+  gradient with replicated parameters (see test_data_parallel_fsdp.py)."""
   mesh = _mesh(AxisType.Explicit)
   params = jax.device_put(_params(), NamedSharding(mesh, P("data")))
   tx = optax_sign.data_parallel(optax_sign.majority_vote("data"), "data")
-  with pytest.raises(ValueError, match="sharded over the worker axis"):
+  with pytest.raises(ValueError, match="sharded_majority_vote"):
     tx.init(params)
-  with pytest.raises(ValueError, match="sharded over the worker axis"):
-    optax_sign.worker_grad(_loss, "data")(params, *_batch())
+  batch = jax.device_put(_batch(), NamedSharding(mesh, P("data")))
+  grads = jax.jit(optax_sign.worker_grad(_loss, "data"))(params, *batch)
+  expected = jax.jit(optax_sign.worker_grad(_loss, "data"))(
+      jax.device_put(_params(), NamedSharding(mesh, P())), *batch)
+  for k in grads:
+    assert grads[k].shape == (N,) + params[k].shape
+    np.testing.assert_array_equal(np.asarray(grads[k]),
+                                  np.asarray(expected[k]))
 
 
 def test_missing_mesh_and_bad_axis_raise():

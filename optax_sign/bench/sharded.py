@@ -2,22 +2,27 @@
 
 ``python -m optax_sign.bench.sharded [--width W] [--repeats R]`` builds a
 two-layer MLP tree (kernels, biases and norm scales) on 8 simulated CPU
-devices in two layouts, data parallel (``data=8``) and tensor parallel plus
+devices in three layouts, data parallel (``data=8``), tensor parallel plus
 data parallel (``data=4, model=2``, kernels sharded over ``model``, biases
-and scales replicated), and compares, in one process:
+and scales replicated) and FSDP over the workers (``data=8``, kernels
+sharded along their leading dimension over ``data``), and compares, in one
+process:
 
 The tensor-parallel layout runs once with Explicit and once with Auto mesh
 axes. Methods:
 
 * ``fp32 all-reduce``: the plain GSPMD step, ``jax.grad`` of the global loss
-  and ``optax.sgd`` (the compiler all-reduces float32 gradients);
+  and ``optax.sgd`` (the compiler all-reduces float32 gradients; under FSDP
+  it reduce-scatters them and all-gathers the parameters);
 * the library's aggregators through :func:`optax_sign.data_parallel` and
   :func:`optax_sign.worker_value_and_grad` (majority vote by each transport,
-  mean of signs, error feedback).
+  mean of signs, error feedback; under FSDP the shard-aligned vote,
+  :func:`optax_sign.sharded_majority_vote`, for either tie policy).
 
 For each it prints the bytes sent per worker per parameter per step over
 each mesh axis, read from the compiled HLO (:func:`optax_sign.
-communication_bytes`), and the median step time relative to the plain step
+communication_bytes`), the part of them that is a float32 all-gather (the
+FSDP parameter gather), and the median step time relative to the plain step
 (interleaved repeats, compile excluded). It must start in a fresh process (it
 asks JAX for 8 CPU devices before JAX initializes).
 """
@@ -31,15 +36,22 @@ from typing import Callable, Dict, List
 import jax
 
 _EXPLICIT, _AUTO = jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto
-LAYOUTS = {"DP data=8": (8, 1, _EXPLICIT),
-           "TP+DP data=4 model=2, Explicit": (4, 2, _EXPLICIT),
-           "TP+DP data=4 model=2, Auto": (4, 2, _AUTO)}
+# Layout: (data, model, axis type, FSDP over data).
+LAYOUTS = {"DP data=8": (8, 1, _EXPLICIT, False),
+           "TP+DP data=4 model=2, Explicit": (4, 2, _EXPLICIT, False),
+           "TP+DP data=4 model=2, Auto": (4, 2, _AUTO, False),
+           "FSDP data=8": (8, 1, _EXPLICIT, True)}
 
 
-def _methods() -> Dict[str, Callable]:
+def _methods(fsdp: bool) -> Dict[str, Callable]:
   import optax  # pylint: disable=g-import-not-at-top
   import optax_sign  # pylint: disable=g-import-not-at-top
   lr = optax.scale_by_learning_rate(1e-3)
+  if fsdp:
+    sharded = lambda tie: lambda axis: optax.chain(
+        optax_sign.sharded_majority_vote(axis, tie=tie), lr)
+    return {"sharded vote (tie=positive)": sharded("positive"),
+            "sharded vote (tie=zero)": sharded("zero")}
   vote = lambda t: lambda axis: optax.chain(
       optax_sign.majority_vote(axis, transport=t), lr)
   return {
@@ -53,7 +65,7 @@ def _methods() -> Dict[str, Callable]:
   }
 
 
-def _model(width: int, mesh):
+def _model(width: int, mesh, fsdp: bool):
   """Params (placed), their PartitionSpecs and the loss of a 2-layer MLP."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
@@ -65,6 +77,8 @@ def _model(width: int, mesh):
             "b2": jnp.zeros(width)}
   specs = {"w1": P(None, "model"), "b1": P("model"), "scale": P(),
            "w2": P("model", None), "b2": P()}
+  if fsdp:
+    specs.update(w1=P("data"), b1=P(), w2=P("data"))
   params = jax.device_put(
       params, {n: NamedSharding(mesh, s) for n, s in specs.items()})
 
@@ -77,7 +91,7 @@ def _model(width: int, mesh):
   return params, loss
 
 
-def _steps(width: int, data: int, model: int, kind):
+def _steps(width: int, data: int, model: int, kind, fsdp: bool):
   """{method: (jitted step, args)} for one layout."""
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -85,7 +99,7 @@ def _steps(width: int, data: int, model: int, kind):
   import optax_sign  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((data, model), ("data", "model"),
                        axis_types=(kind, kind))
-  params, loss = _model(width, mesh)
+  params, loss = _model(width, mesh, fsdp)
   x = jax.device_put(jax.random.normal(jax.random.key(1), (8 * data, width)),
                      NamedSharding(mesh, P("data")))
   sgd = optax.sgd(1e-3)
@@ -96,7 +110,7 @@ def _steps(width: int, data: int, model: int, kind):
     return optax.apply_updates(params, updates), state
 
   steps = {"fp32 all-reduce": (plain, (params, sgd.init(params), x))}
-  for name, make in _methods().items():
+  for name, make in _methods(fsdp).items():
     tx = optax_sign.data_parallel(make("data"), "data", mesh=mesh)
 
     @jax.jit
@@ -126,8 +140,8 @@ def measure(width: int = 256, repeats: int = 20) -> List[dict]:
   """Rows of {layout, method, bytes per param per axis, time ratio}."""
   import optax_sign  # pylint: disable=g-import-not-at-top
   rows = []
-  for layout, (data, model, kind) in LAYOUTS.items():
-    steps, size, mesh = _steps(width, data, model, kind)
+  for layout, (data, model, kind, fsdp) in LAYOUTS.items():
+    steps, size, mesh = _steps(width, data, model, kind, fsdp)
     with jax.set_mesh(mesh):
       times = _median_times(steps, repeats)
       reports = {name: optax_sign.communication_bytes(step, *args)
@@ -137,17 +151,21 @@ def measure(width: int = 256, repeats: int = 20) -> List[dict]:
       rows.append(dict(
           layout=layout, method=name, params=size,
           data=sum(b for a, b in by_axes.items() if "data" in a) / size,
+          gather=sum(c.bytes_sent for c in reports[name].collectives
+                     if "data" in c.axes and c.op == "all-gather"
+                     and c.dtype == "f32") / size,
           model=sum(b for a, b in by_axes.items() if a == ("model",)) / size,
           time=times[name] / times["fp32 all-reduce"]))
   return rows
 
 
 def format_table(rows: List[dict]) -> str:
-  lines = ["| layout | method | B/param over data | B/param over model only "
-           "| step time vs fp32 all-reduce |", "|---|---|---|---|---|"]
+  lines = ["| layout | method | B/param over data | of which f32 all-gather "
+           "| B/param over model only | step time vs fp32 all-reduce |",
+           "|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['layout']} | {r['method']} | {r['data']:.4f} | "
-                 f"{r['model']:.4f} | {r['time']:.2f}x |")
+                 f"{r['gather']:.4f} | {r['model']:.4f} | {r['time']:.2f}x |")
   return "\n".join(lines)
 
 
