@@ -23,7 +23,8 @@ leaves of a pytree are flattened into one vector per group of leaves that vary
 over the same mesh axes (:func:`leaf_groups`), so each transport runs one
 collective per phase and group whatever the number of leaves: one group for
 data parallelism, two for a tensor-parallel tree whose biases and norm scales
-are replicated over the model axis.
+are replicated over the model axis. Where other mesh axes are Auto (layouts
+unknown inside ``jit``), ``"auto"`` is ``"psum"``, run leaf by leaf.
 
 **The shard_map gradient trap.** Under ``jax.shard_map`` (with the default
 ``check_vma=True``), ``jax.grad`` with respect to parameters that entered
@@ -210,10 +211,15 @@ def choose_transport(transport: str, num_workers: int, size: int, tie: str,
   """Resolves ``"auto"`` by :func:`select_transport` for this run's backend.
 
   CPU devices are priced as ``"cpu"`` (time) only within one process; across
-  processes the network carries the bytes, priced as on GPU and TPU.
+  processes the network carries the bytes, priced as on GPU and TPU. Where
+  other mesh axes are Auto (the leaves' layouts over them unknown inside
+  ``jit``) it is ``"psum"``, the one elementwise transport: the others
+  flatten the leaves, and the compiler reshards them over those axes.
   """
   if transport != "auto":
     return transport
+  if _sharding.unknown_layout_axes() and "psum" in allowed:
+    return "psum"
   backend = jax.default_backend()
   if backend == "cpu" and jax.process_count() > 1:
     backend = "network"
@@ -376,25 +382,33 @@ def _exchange(tree, axis_name, tie, transport, alive, allowed, combine):
 
   ``q`` is the group's int8 sign vector (zeroed for a dead worker) and the
   result, a vector of ``q``'s length, is cut back into the group's leaves in
-  their dtypes. Without ``axis_name`` each leaf is combined as it is (no
-  flattening, so sharded leaves keep their layout).
+  their dtypes. Without ``axis_name``, and for the elementwise ``"psum"``
+  where other mesh axes are Auto (the leaves' layouts over them unknown
+  inside ``jit``), each leaf is combined as it is: no flattening, so sharded
+  leaves keep their layout and nothing is resharded.
   """
   _checks.check_tie(tie)
   _checks.check_choice("transport", transport, allowed)
   n = axis_size(axis_name)
   alive, own = alive_flags(alive, axis_name, n)
   leaves, treedef = jax.tree.flatten(tree)
+  by_leaf = lambda v, chosen: combine(masked(tie_sign_int(v, tie), own), n,
+                                      chosen, alive, own).astype(v.dtype)
   if axis_name is None:  # no collective: leaf by leaf, layouts kept
-    return treedef.unflatten([
-        combine(masked(tie_sign_int(v, tie), own), n, "psum", alive,
-                own).astype(v.dtype) for v in leaves])
+    return treedef.unflatten([by_leaf(v, "psum") for v in leaves])
+  unknown = _sharding.unknown_layout_axes()
 
   def by_group(leaves, shared):
     alive, own = shared
     out = list(leaves)
     for group in leaf_groups(leaves):
+      size = sum(leaves[i].size for i in group)
+      chosen = choose_transport(transport, n, size, tie, allowed)
+      if chosen == "psum" and unknown:  # elementwise: each leaf's layout kept
+        for i in group:
+          out[i] = by_leaf(leaves[i], chosen)
+        continue
       q = masked(_signs_of([leaves[i] for i in group], tie), own)
-      chosen = choose_transport(transport, n, q.size, tie, allowed)
       flat, start = combine(q, n, chosen, alive, own), 0
       for i in group:
         v = leaves[i]

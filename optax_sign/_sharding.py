@@ -142,6 +142,17 @@ def free_explicit_axes() -> tuple:
                and a not in mesh.manual_axes)
 
 
+def unknown_layout_axes() -> tuple:
+  """Auto axes of size > 1 of the context mesh that are not manual here:
+  inside ``jit`` a leaf's layout over them is the compiler's choice."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
+               if t == jax.sharding.AxisType.Auto and mesh.shape[a] > 1
+               and a not in mesh.manual_axes)
+
+
 def on_local_shards(fn: Any, leaves: Sequence[Any], shared: Any) -> list:
   """``fn(leaves, shared)`` on the local shards of ``leaves``.
 
