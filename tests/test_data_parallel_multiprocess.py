@@ -4,8 +4,10 @@ A 2D Explicit mesh ``data=4 x model=2``: the worker axis spans both
 processes (workers 0-1 on process 0, 2-3 on process 1) and the model axis
 stays within a process. A tensor-parallel MLP trains for a few steps with
 majority-vote Sign-SGD through ``worker_value_and_grad`` and ``data_parallel``
-in a jitted step; the final parameters must equal, bit for bit, those of the
-same run on the 8 local devices of this process.
+in a jitted step, with replicated kernels and with kernels sharded over the
+worker axis too (FSDP, the shard-aligned vote); the final parameters must
+equal, bit for bit, those of the same run on the 8 local devices of this
+process, and the FSDP run those of the replicated vote.
 """
 
 import jax
@@ -16,6 +18,9 @@ import distributed_launch
 _STEPS = 5
 _SPECS = {"w1": (None, "model"), "b1": ("model",), "w2": ("model", None),
           "b2": ()}
+# FSDP over the worker axis (across the processes) with the sharded vote.
+_FSDP_SPECS = {"w1": ("data", "model"), "b1": ("model",), "w2": ("data", None),
+               "b2": ()}
 
 
 def _mesh():
@@ -52,11 +57,14 @@ def train(mesh):
   x, y = place(x, ("data",)), place(y, ("data",))
   gather = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))
   results = {}
-  for transport in ("psum", "alltoall"):
+  votes = {t: (optax_sign.majority_vote("data", transport=t), _SPECS)
+           for t in ("psum", "alltoall")}
+  votes["fsdp"] = (optax_sign.sharded_majority_vote("data"), _FSDP_SPECS)
+  for transport, (vote, specs) in votes.items():
     tx = optax_sign.data_parallel(
-        optax.chain(optax_sign.majority_vote("data", transport=transport),
-                    optax.scale_by_learning_rate(0.01)), "data", mesh=mesh)
-    params = {k: place(v, _SPECS[k]) for k, v in params0.items()}
+        optax.chain(vote, optax.scale_by_learning_rate(0.01)), "data",
+        mesh=mesh)
+    params = {k: place(v, specs[k]) for k, v in params0.items()}
 
     @jax.jit
     def step(params, state, x, y, tx=tx):
@@ -79,6 +87,8 @@ def test_two_processes_match_one_process_bitwise(tmp_path):
     for key, value in expected.items():
       np.testing.assert_array_equal(got[key], value, err_msg=key)
   assert not np.array_equal(expected["psum/w1"], _problem()[0]["w1"])
+  for k in _SPECS:  # tie="zero" either way: the same votes
+    np.testing.assert_array_equal(expected[f"fsdp/{k}"], expected[f"psum/{k}"])
 
 
 if __name__ == "__main__":
