@@ -34,9 +34,10 @@ shards by themselves on ``Explicit`` axes
 shard, leaves sharded over ``"model"`` and replicated leaves in separate
 collectives. On ``Auto`` axes, whose layout is unknown inside ``jit``, the
 vote and the mean of signs with ``transport="auto"`` take the elementwise
-int8 all-reduce leaf by leaf, in each leaf's layout; the other transports
-and error feedback work on whole flattened leaves and the compiler reshards
-them (correct, but with traffic over those axes). At the region's boundary the other Explicit
+int8 all-reduce leaf by leaf, in each leaf's layout, and error feedback packs
+each leaf's bits along its last axis; the vote's other transports work on
+whole flattened leaves and the compiler reshards them (correct, but with
+traffic over those axes). At the region's boundary the other Explicit
 axes are made Auto and inside Explicit again (``jax.sharding.explicit_axes``
 with the arrays' specs): JAX 0.10 lowers a partly manual region with its
 other Explicit axes replicated, which would all-gather every sharded leaf.

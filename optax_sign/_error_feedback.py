@@ -79,6 +79,48 @@ def _group_mean(p_leaves, scales, axis_name, num_workers, own, live):
   return mine, mean
 
 
+def _bits_in_layout(p: jax.Array) -> jax.Array:
+  """The bits ``p >= 0`` packed along the last axis, 8 neighbours a byte
+  (the last axis zero-padded to a multiple of 8): ``[..., ceil(L / 8)]``
+  uint8, laid out like ``p`` over its other axes."""
+  shape = p.shape or (1,)
+  q = (p.reshape(shape) >= 0).astype(jnp.uint8)
+  q = jnp.pad(q, [(0, 0)] * (len(shape) - 1) + [(0, -shape[-1] % 8)])
+  q = q.reshape(q.shape[:-1] + (q.shape[-1] // 8, 8))
+  return jnp.sum(q << jnp.arange(8, dtype=jnp.uint8), axis=-1,
+                 dtype=jnp.uint8)
+
+
+def _signs_in_layout(packed: jax.Array, p: jax.Array) -> jax.Array:
+  """Inverse of :func:`_bits_in_layout`: +-1 in float32, shaped like ``p``."""
+  shape = p.shape or (1,)
+  bits = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
+  bits = bits.reshape(packed.shape[:-1] + (-1,))[..., :shape[-1]]
+  return (2.0 * bits.astype(jnp.float32) - 1.0).reshape(p.shape)
+
+
+def _mean_in_layout(p_leaves, scales, axis_name, num_workers, own, live):
+  """:func:`_mean_of_scaled_signs` where other mesh axes are Auto (inside
+  ``jit`` the leaves' layouts over them are unknown): leaf by leaf, with the
+  bits packed along the last axis so each leaf keeps its layout (nothing is
+  resharded), and the scales in one small all-gather. The same terms in the
+  same order as the flattened exchange, so the same bits."""
+  scales = jnp.stack(scales)
+  if own is not None:  # a dead worker sends zero scales: it adds nothing
+    scales = jnp.where(own, scales, 0.0)
+  alphas = _communication.gather_invariant(scales, axis_name)
+  mine, mean = [], []
+  for j, p in enumerate(p_leaves):
+    received = _communication.gather_invariant(_bits_in_layout(p), axis_name)
+    total = None  # a static sum, in worker order on every worker
+    for i in range(num_workers):
+      term = alphas[i, j] * _signs_in_layout(received[i], p)
+      total = term if total is None else total + term
+    mine.append(scales[j] * jnp.where(p >= 0, 1.0, -1.0))
+    mean.append(jnp.where(live > 0, total / jnp.maximum(live, 1.0), 0.0))
+  return mine, mean
+
+
 def _mean_of_scaled_signs(p_leaves, axis_name, num_workers, own=None,
                           live=None):
   """Per-worker compression and the mean of all workers' compressed vectors.
@@ -99,6 +141,9 @@ def _mean_of_scaled_signs(p_leaves, axis_name, num_workers, own=None,
   # Whole-leaf scales first: the compiler sums leaves sharded over axes that
   # are not manual here; _scale sums the manual shards.
   scales = [_scale(p, _shard_axes(p, axis_name)) for p in p_leaves]
+  if _sharding.unknown_layout_axes():
+    return _mean_in_layout(p_leaves, scales, axis_name, num_workers, own,
+                           live)
 
   count = len(p_leaves)
 

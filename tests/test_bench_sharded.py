@@ -15,7 +15,10 @@ def test_every_layout_and_method_is_measured_and_the_votes_send_less():
   assert all(f"| {r['layout']} | {r['method']} |" in table for r in rows)
   for (layout, method), r in by.items():
     plain = by[(layout, "fp32 all-reduce")]
-    assert r["gather"] == pytest.approx(plain["gather"])  # FSDP's own gather
+    if method == "error feedback":  # on Auto axes: its 5 leaves' scales
+      assert r["gather"] * r["params"] <= 4 * 5 * 8
+    else:  # FSDP's own gather of the parameters, or none
+      assert r["gather"] == pytest.approx(plain["gather"])
     if method != "fp32 all-reduce":  # the exchange: int8 or less per float32
       assert r["data"] - r["gather"] <= (plain["data"] - plain["gather"]) / 4 + 1e-9
   fsdp = by[("FSDP data=8", "sharded vote (tie=positive)")]
