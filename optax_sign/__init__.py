@@ -2,6 +2,7 @@
 
 from optax_sign._aliases import alias_sign_sgd
 from optax_sign._aliases import alias_sign_sgd_released
+from optax_sign._aliases import alias_sign_sgd_stochastic
 from optax_sign._aliases import diloco
 from optax_sign._aliases import dsm_ls
 from optax_sign._aliases import lion_like
@@ -84,6 +85,7 @@ __all__ = (
     "alias_previous_params",
     "alias_sign_sgd",
     "alias_sign_sgd_released",
+    "alias_sign_sgd_stochastic",
     "broadcast_params",
     "communication_bytes",
     "data_parallel",

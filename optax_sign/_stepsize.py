@@ -57,9 +57,11 @@ def _warn_stall(stalled: Any, gamma: Any, initial: Any) -> None:
       f"ALIAS: after {_STALL_STEP} steps the stepsize is {gamma:.3g}, below "
       f"its initial value {float(np.max(initial)):.3g}, so training has "
       "barely moved. On mini-batch gradients the different-batch curvature "
-      "sample is mostly noise: pass prev_grads= (the same-batch estimator, "
-      "see alias_previous_params) or use distance='lower_bound' with value=; "
-      "see the 'Mini-batches' section of docs/algorithms/alias.md.",
+      "sample is mostly noise: use alias_sign_sgd_stochastic() (statistics "
+      "20 steps apart, a momentum direction), pass prev_grads= (the "
+      "same-batch estimator, see alias_previous_params) or use "
+      "distance='lower_bound' with value=; see the 'Mini-batches' section of "
+      "docs/algorithms/alias.md.",
       RuntimeWarning, stacklevel=2)
 _TIE_CODES = {"zero": 0, "positive": 1, "negative": -1}
 

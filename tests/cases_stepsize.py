@@ -49,6 +49,11 @@ CASES = [
                          300, max_stepsize=max_stepsize, eta0=1.0,
                          warmup_fraction=0.0)),
                  {"max_stepsize": 0.02}),
+    harness.Case("alias_sign_sgd_stochastic",
+                 lambda max_stepsize: optax_sign.alias_sign_sgd_stochastic(
+                     max_stepsize=max_stepsize, update_gap=3,
+                     initial_stepsize=1e-2),
+                 {"max_stepsize": 0.1}),
     harness.Case("alias_sign_sgd_learning_rate",
                  lambda learning_rate: optax_sign.alias_sign_sgd(
                      learning_rate=learning_rate, initial_stepsize=1e-2),
@@ -71,6 +76,9 @@ DEFAULTS = [
                     rounding_tol=(1e-3, 1e-4)),
     harness.Default("alias_sign_sgd_released",
                     optax_sign.alias_sign_sgd_released, (40,)),
+    harness.Default("alias_sign_sgd_stochastic",
+                    optax_sign.alias_sign_sgd_stochastic,
+                    rounding_tol=(1e-3, 1e-4)),
     harness.Default("scale_by_alias", optax_sign.scale_by_alias,
                     rounding_tol=(1e-3, 1e-4)),
     harness.Default("scale_by_alias_momentum",

@@ -172,6 +172,9 @@ _ENTRIES = (
     _alias_entry("alias_sign", "optax_sign.alias_sign_sgd(memory='sign', "
                  "tie='positive') (parameter-free, 1 bit of memory per "
                  "parameter)", memory="sign", tie="positive"),
+    Entry("alias_st", "optax_sign.alias_sign_sgd_stochastic() (parameter-free,"
+          " mini-batch preset: statistics 20 steps apart, momentum 0.9)",
+          lambda lr, ctx: optax_sign.alias_sign_sgd_stochastic()),
     _alias_entry("alias_sb", "optax_sign.alias_sign_sgd() with the same-batch "
                  "estimator (prev_grads=; 2 gradients per step)",
                  same_batch=True),
@@ -240,7 +243,7 @@ REGISTRY = {e.name: e for e in _ENTRIES}
 ALIASES = {"contrib.prodigy": "prodigy", "contrib.dog": "dog",
            "contrib.mechanize": "mechanize"}
 
-DEFAULT_SINGLE = ("alias", "alias_sb", "adamw")
+DEFAULT_SINGLE = ("alias", "alias_st", "alias_sb", "adamw")
 DEFAULT_GRID = ("sign_sgd",)
 DEFAULT_MULTI = ("majority_vote", "alias_mv_sb", "dsm_ls", "diloco",
                  "dp_adamw", "dp_sign_sgd")
