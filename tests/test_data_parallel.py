@@ -314,9 +314,9 @@ def test_worker_grads_are_the_per_worker_gradients():
     np.testing.assert_allclose(grads[k], expected_g[k], rtol=1e-5, atol=1e-7)
 
 
-def test_flax_nnx_optimizer_with_partitioned_model():
-  nnx = pytest.importorskip("flax.nnx")
-  mesh = _mesh(AxisType.Explicit)
+def nnx_mlp(nnx, hidden_kernel, out_kernel):
+  """A 16-32-4 NNX MLP with ``nnx.with_partitioning`` kernels laid out over
+  the given mesh axes (the hidden bias over "model"), under the context mesh."""
 
   class Model(nnx.Module):
 
@@ -324,14 +324,21 @@ def test_flax_nnx_optimizer_with_partitioned_model():
       init = nnx.initializers.lecun_normal()
       self.hidden = nnx.Linear(
           16, 32, rngs=rngs,
-          kernel_init=nnx.with_partitioning(init, (None, "model")),
+          kernel_init=nnx.with_partitioning(init, hidden_kernel),
           bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("model",)))
       self.out = nnx.Linear(
           32, 4, rngs=rngs,
-          kernel_init=nnx.with_partitioning(init, ("model", None)))
+          kernel_init=nnx.with_partitioning(init, out_kernel))
 
     def __call__(self, x):
       return self.out(jnp.tanh(self.hidden(x)), out_sharding=P())
+
+  return Model(nnx.Rngs(0))
+
+
+def test_flax_nnx_optimizer_with_partitioned_model():
+  nnx = pytest.importorskip("flax.nnx")
+  mesh = _mesh(AxisType.Explicit)
 
   def loss_fn(model, x, y):
     return jnp.mean((model(x) - y) ** 2)
@@ -341,7 +348,7 @@ def test_flax_nnx_optimizer_with_partitioned_model():
                        optax.scale_by_learning_rate(1e-2))
 
   with jax.set_mesh(mesh):
-    model = Model(nnx.Rngs(0))
+    model = nnx_mlp(nnx, (None, "model"), ("model", None))
     reference = nnx.clone(model)
     optimizer = nnx.Optimizer(model, optax_sign.data_parallel(make("data"),
                                                               "data"),

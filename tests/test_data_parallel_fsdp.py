@@ -18,7 +18,7 @@ import pytest
 
 import optax_sign
 
-from test_data_parallel import _batch, _loss, _params, N, SPECS
+from test_data_parallel import _batch, _loss, _params, N, nnx_mlp, SPECS
 
 FSDP_SPECS = {"w1": P("data", "model"), "b1": P("model"),
               "w2": P("data", None), "b2": P()}
@@ -125,22 +125,6 @@ def test_flax_nnx_optimizer_with_fsdp_partitioning():
   same bits as the replicated vote on the same model laid out for TP."""
   nnx = pytest.importorskip("flax.nnx")
 
-  class Model(nnx.Module):
-
-    def __init__(self, rngs, fsdp):
-      init = nnx.initializers.lecun_normal()
-      data = "data" if fsdp else None
-      self.hidden = nnx.Linear(
-          16, 32, rngs=rngs,
-          kernel_init=nnx.with_partitioning(init, (data, "model")),
-          bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("model",)))
-      self.out = nnx.Linear(
-          32, 4, rngs=rngs,
-          kernel_init=nnx.with_partitioning(init, (data, None)))
-
-    def __call__(self, x):
-      return self.out(jnp.tanh(self.hidden(x)), out_sharding=P())
-
   def loss_fn(model, x, y):
     return jnp.mean((model(x) - y) ** 2)
 
@@ -148,7 +132,8 @@ def test_flax_nnx_optimizer_with_fsdp_partitioning():
     vote = (optax_sign.sharded_majority_vote if fsdp
             else optax_sign.majority_vote)
     with jax.set_mesh(_mesh()):
-      model = Model(nnx.Rngs(0), fsdp)
+      data = "data" if fsdp else None
+      model = nnx_mlp(nnx, (data, "model"), (data, None))
       optimizer = nnx.Optimizer(
           model, optax_sign.data_parallel(_chain(vote, "zero", True), "data"),
           wrt=nnx.Param)
