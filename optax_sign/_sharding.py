@@ -132,25 +132,26 @@ def with_auto(mesh: Any, axes: tuple) -> Any:
       for a, t in zip(mesh.axis_names, mesh.axis_types)))
 
 
-def free_explicit_axes() -> tuple:
-  """Explicit axes of the context mesh that are not manual here."""
+def _free_axes(axis_type: Any) -> tuple:
+  """Axes of the context mesh of ``axis_type`` that are not manual here."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
   return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
-               if t == jax.sharding.AxisType.Explicit
-               and a not in mesh.manual_axes)
+               if t == axis_type and a not in mesh.manual_axes)
+
+
+def free_explicit_axes() -> tuple:
+  """Explicit axes of the context mesh that are not manual here."""
+  return _free_axes(jax.sharding.AxisType.Explicit)
 
 
 def unknown_layout_axes() -> tuple:
   """Auto axes of size > 1 of the context mesh that are not manual here:
   inside ``jit`` a leaf's layout over them is the compiler's choice."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return ()
-  return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
-               if t == jax.sharding.AxisType.Auto and mesh.shape[a] > 1
-               and a not in mesh.manual_axes)
+  return tuple(a for a in _free_axes(jax.sharding.AxisType.Auto)
+               if mesh.shape[a] > 1)
 
 
 def on_local_shards(fn: Any, leaves: Sequence[Any], shared: Any) -> list:
