@@ -94,9 +94,20 @@ class _Layout(NamedTuple):
   state: Any  # the state leaf is sharded like an FSDP parameter
   mask: Any  # the state leaf has one copy per worker (a leading axis)
 
+  def state_specs(self, axis_name: Hashable) -> Any:
+    """Per-worker copies and FSDP shards are split over the workers."""
+    return _specs(jax.tree.map(lambda m, f: m or f, self.mask, self.state),
+                  axis_name)
+
 
 def _specs(flags: Any, axis_name: Hashable) -> Any:
   return jax.tree.map(lambda f: P(axis_name) if f else P(), flags)
+
+
+def _varies_unless(tree: Any, axis_name: Hashable, *flags: Any) -> Any:
+  """Whether each leaf varies over ``axis_name``, where no flag is set."""
+  return jax.tree.map(lambda v, *f: v and not any(f),
+                      _varies(tree, axis_name), *flags)
 
 
 def _check_shapes(updates: Any, params: Any, fsdp: Any) -> None:
@@ -126,8 +137,6 @@ def _trace_step(inner, mesh, axis_name, params, state, layout, extra):
   num_workers = mesh.shape[axis_name]
   found = {}
   mask = layout.mask
-  unsharded = lambda vary, fsdp: jax.tree.map(lambda v, f: v and not f,
-                                             vary, fsdp)
 
   per_worker, shared = extra
 
@@ -136,13 +145,12 @@ def _trace_step(inner, mesh, axis_name, params, state, layout, extra):
     updates, new_state = inner.update(_drop_first(grads), state, params,
                                       **_drop_first(per_worker), **shared)
     _check_shapes(updates, params, layout.params)
-    found["updates"] = unsharded(_varies(updates, axis_name), layout.params)
-    found["state"] = unsharded(_varies(new_state, axis_name), layout.state)
+    found["updates"] = _varies_unless(updates, axis_name, layout.params)
+    found["state"] = _varies_unless(new_state, axis_name, layout.state)
     return _sharding.stack((updates, new_state))
 
   grads = _abstract(params, jax.tree.map(lambda _: True, params), num_workers)
-  state_specs = _specs(jax.tree.map(lambda m, f: m or f, mask, layout.state),
-                       axis_name)
+  state_specs = layout.state_specs(axis_name)
   specs = (P(axis_name), state_specs, _specs(layout.params, axis_name),
            P(axis_name), P())
   args = (grads, _abstract(state, mask, num_workers), params, per_worker,
@@ -361,17 +369,14 @@ def _run(inner, mesh, axis_name, layout, updates, state, params, extra_args):
     new_updates, new_state = update(_drop_first(updates), state, params,
                                     extra_args)
     _check_shapes(new_updates, params, layout.params)
-    _check_agreed(jax.tree.map(lambda v, f: v and not f,
-                               _varies(new_updates, axis_name), layout.params),
+    _check_agreed(_varies_unless(new_updates, axis_name, layout.params),
                   axis_name)
-    _check_shared(jax.tree.map(lambda v, m, f: v and not (m or f),
-                               _varies(new_state, axis_name), mask,
-                               layout.state), axis_name)
+    _check_shared(_varies_unless(new_state, axis_name, mask, layout.state),
+                  axis_name)
     return new_updates, jax.tree.map(lambda x, m: x[None] if m else x,
                                      new_state, mask)
 
-  state_specs = _specs(jax.tree.map(lambda m, f: m or f, mask, layout.state),
-                       axis_name)
+  state_specs = layout.state_specs(axis_name)
   update_specs = _specs(layout.params, axis_name)
   region = jax.shard_map(
       body, mesh=_sharding.with_auto(mesh, free), axis_names={axis_name},
