@@ -96,12 +96,8 @@ class _Layout(NamedTuple):
 
   def state_specs(self, axis_name: Hashable) -> Any:
     """Per-worker copies and FSDP shards are split over the workers."""
-    return _specs(jax.tree.map(lambda m, f: m or f, self.mask, self.state),
-                  axis_name)
-
-
-def _specs(flags: Any, axis_name: Hashable) -> Any:
-  return jax.tree.map(lambda f: P(axis_name) if f else P(), flags)
+    return _sharding.split_specs(
+        jax.tree.map(lambda m, f: m or f, self.mask, self.state), axis_name)
 
 
 def _varies_unless(tree: Any, axis_name: Hashable, *flags: Any) -> Any:
@@ -151,8 +147,8 @@ def _trace_step(inner, mesh, axis_name, params, state, layout, extra):
 
   grads = _abstract(params, jax.tree.map(lambda _: True, params), num_workers)
   state_specs = layout.state_specs(axis_name)
-  specs = (P(axis_name), state_specs, _specs(layout.params, axis_name),
-           P(axis_name), P())
+  specs = (P(axis_name), state_specs,
+           _sharding.split_specs(layout.params, axis_name), P(axis_name), P())
   args = (grads, _abstract(state, mask, num_workers), params, per_worker,
           shared)
   region = jax.shard_map(body, mesh=mesh, axis_names={axis_name},
@@ -377,12 +373,12 @@ def _run(inner, mesh, axis_name, layout, updates, state, params, extra_args):
                                      new_state, mask)
 
   state_specs = layout.state_specs(axis_name)
-  update_specs = _specs(layout.params, axis_name)
+  update_specs = _sharding.split_specs(layout.params, axis_name)
   region = jax.shard_map(
       body, mesh=_sharding.with_auto(mesh, free), axis_names={axis_name},
       in_specs=(P(axis_name), state_specs,
                 P() if params is None else update_specs,
-                _specs(split, axis_name)),
+                _sharding.split_specs(split, axis_name)),
       out_specs=(update_specs, state_specs))
   if not free:
     return region(*trees)

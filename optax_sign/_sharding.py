@@ -2,8 +2,8 @@
 
 Shared by :mod:`optax_sign._worker_grad` and :mod:`optax_sign._data_parallel`:
 finding the mesh of a call, reading a leaf's ``PartitionSpec``, finding
-leaves sharded over the worker axis (FSDP), and the leading worker axis convention
-(``x[None]`` inside a ``shard_map`` body, ``P(axis)`` outside).
+leaves sharded over the worker axis (FSDP), and the leading worker axis
+convention (``x[None]`` inside a ``shard_map`` body, ``P(axis)`` outside).
 """
 
 from typing import Any, Hashable, Sequence
@@ -100,6 +100,12 @@ def worker_sharded(tree: Any, axis_name: Hashable, what: str) -> Any:
     return True
 
   return jax.tree_util.tree_map_with_path(sharded, tree)
+
+
+def split_specs(flags: Any, axis_name: Hashable) -> Any:
+  """``P(axis_name)`` where a flag is set (split over the workers), else
+  ``P()``: ``shard_map`` specs from a tree of booleans."""
+  return jax.tree.map(lambda f: P(axis_name) if f else P(), flags)
 
 
 def without_axis(spec: tuple, axis_name: Hashable) -> tuple:

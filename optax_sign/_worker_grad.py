@@ -109,9 +109,8 @@ def _value_and_grad(fun, axis_name, argnums, single, has_aux, mesh, args,
         lambda x: _split_over(x, mesh, axis_name), a)
                  for i, a in enumerate(args))
   split = lambda x: P(axis_name) if jnp.ndim(x) else P()
-  on_axis = lambda sharded: P(axis_name) if sharded else P()
   specs = tuple(
-      jax.tree.map(on_axis, fsdp[i]) if i in argnums
+      _sharding.split_specs(fsdp[i], axis_name) if i in argnums
       else jax.tree.map(lambda _: P(), a) if i in whole
       else jax.tree.map(split, a) for i, a in enumerate(args))
 

@@ -13,7 +13,7 @@ axes. Methods:
 
 * ``fp32 all-reduce``: the plain GSPMD step, ``jax.grad`` of the global loss
   and ``optax.sgd`` (the compiler all-reduces float32 gradients; under FSDP
-  it reduce-scatters them and all-gathers the parameters);
+  it also all-gathers the parameters);
 * the library's aggregators through :func:`optax_sign.data_parallel` and
   :func:`optax_sign.worker_value_and_grad` (majority vote by each transport,
   mean of signs, error feedback; under FSDP the shard-aligned vote,
